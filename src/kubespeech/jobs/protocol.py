@@ -1,0 +1,407 @@
+"""The Redis Streams job protocol: enqueue, claim in micro-batches, publish once, reclaim, dead-letter, depth.
+
+Layout (``{p}`` is the key prefix, ``{m}`` a model queue name):
+
+- ``{p}:q:{m}``    stream of jobs; consumer group ``workers``; entries are XACKed *and* XDELed once their
+  result is published, so ``XLEN`` is the number of outstanding jobs (waiting + in flight) and
+  ``XPENDING`` (summary) the number in flight: queue depth is two O(1) reads, on Redis 6.2 and 7.
+- ``{p}:p:{id}``   payload of one job when it is larger than the inline limit: stored once, read by whichever
+  worker gets the entry (a reclaim copies only the small stream entry, never the audio).
+- ``{p}:r:{id}``   list the result is pushed to; the API waits on it with BLPOP (no polling).
+- ``{p}:d:{id}``   "result published" marker set with NX: a job that two workers finish (a slow worker and the
+  one that reclaimed its entry) is delivered to its caller exactly once.
+- ``{p}:dlq:{m}``  dead-letter stream: jobs that failed on every allowed delivery.
+- ``{p}:w:{m}``    sorted set of live workers (member: consumer name, score: last heartbeat in ms).
+- ``{p}:models``   hash: model queue name -> JSON description published by its workers.
+
+Every key except the queue streams carries a TTL, so a caller that gives up leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from kubespeech.config import QueueSettings
+from kubespeech.errors import DeadlineExceeded, KubespeechError, PayloadTooLarge, QueueFull
+
+GROUP = "workers"
+_RESULT_MAGIC = b"KS1"
+
+# Enqueue atomically: refuse when the queue is at its bound, create the consumer group with the stream
+# (from id 0, so nothing added before a worker starts is skipped), store a large payload once.
+_ENQUEUE_LUA = """
+local depth = redis.call('XLEN', KEYS[1])
+if depth == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[4], '0', 'MKSTREAM')
+end
+if depth >= tonumber(ARGV[1]) then
+  return depth
+end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+"""
+
+# Publish a result exactly once, then acknowledge and remove the entry and its payload.
+_PUBLISH_LUA = """
+local fresh = redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4])
+if fresh then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[4])
+if fresh then return 1 end
+return 0
+"""
+
+
+class Keys:
+    """Key names of one stack (one prefix)."""
+
+    def __init__(self, prefix: str = "ks") -> None:
+        self.prefix = prefix
+
+    def queue(self, model: str) -> str:
+        return f"{self.prefix}:q:{model}"
+
+    def dead_letter(self, model: str) -> str:
+        return f"{self.prefix}:dlq:{model}"
+
+    def payload(self, job_id: str) -> str:
+        return f"{self.prefix}:p:{job_id}"
+
+    def reply(self, job_id: str) -> str:
+        return f"{self.prefix}:r:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}:d:{job_id}"
+
+    def workers(self, model: str) -> str:
+        return f"{self.prefix}:w:{model}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+
+@dataclass(slots=True)
+class Job:
+    """One unit of work as a worker sees it."""
+
+    job_id: str
+    model: str
+    meta: dict[str, Any]
+    payload: bytes
+    deadline: float
+    enqueued_at: float
+    entry_id: str
+    payload_key: str | None = None
+    deliveries: int = 1
+
+    @property
+    def expired(self) -> bool:
+        return time.time() > self.deadline
+
+
+@dataclass(slots=True)
+class Result:
+    """A job's outcome: a JSON header and an optional binary body (audio), or a typed error."""
+
+    header: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b""
+    error: KubespeechError | None = None
+
+    def encode(self) -> bytes:
+        head = dict(self.header)
+        if self.error is not None:
+            head["error"] = self.error.to_dict()
+        raw = orjson.dumps(head)
+        return _RESULT_MAGIC + len(raw).to_bytes(4, "big") + raw + self.body
+
+    @staticmethod
+    def decode(data: bytes) -> Result:
+        if data[:3] != _RESULT_MAGIC:
+            raise ValueError("not a kubespeech result")
+        n = int.from_bytes(data[3:7], "big")
+        head = orjson.loads(data[7 : 7 + n])
+        err = head.pop("error", None)
+        return Result(
+            header=head,
+            body=data[7 + n :],
+            error=KubespeechError.from_dict(err) if err else None,
+        )
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass(slots=True, frozen=True)
+class QueueDepth:
+    """Jobs outstanding on one model queue."""
+
+    waiting: int
+    in_flight: int
+
+    @property
+    def total(self) -> int:
+        return self.waiting + self.in_flight
+
+
+def _decode_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def queue_depth(redis: Redis, keys: Keys, model: str) -> QueueDepth:
+    """Waiting and in-flight jobs of ``model``: XLEN and the XPENDING summary, both O(1)."""
+    queue = keys.queue(model)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(queue)
+        pipe.xpending(queue, GROUP)
+        try:
+            length, pending = await pipe.execute(raise_on_error=False)
+        except ResponseError:
+            return QueueDepth(0, 0)
+    if isinstance(length, Exception):
+        length = 0
+    in_flight = 0 if isinstance(pending, Exception) else int(pending.get("pending", 0) or 0)
+    return QueueDepth(waiting=max(int(length) - in_flight, 0), in_flight=in_flight)
+
+
+async def live_workers(redis: Redis, keys: Keys, model: str, ttl_s: float) -> int:
+    """Workers of ``model`` that sent a heartbeat in the last ``ttl_s`` seconds."""
+    now_ms = time.time() * 1000
+    return int(await redis.zcount(keys.workers(model), now_ms - ttl_s * 1000, "+inf"))
+
+
+class JobClient:
+    """The producer side (API server): submit a job and wait for its single result."""
+
+    def __init__(self, redis: Redis, settings: QueueSettings | None = None, prefix: str = "ks") -> None:
+        self.redis = redis
+        self.settings = settings or QueueSettings()
+        self.keys = Keys(prefix)
+        self._enqueue = redis.register_script(_ENQUEUE_LUA)
+
+    async def submit(
+        self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
+    ) -> str:
+        """Put a job on ``model``'s queue and return its id; raises QueueFull when the queue is at its bound."""
+        if len(payload) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes exceeds the limit of {self.settings.max_payload_bytes} bytes"
+            )
+        timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
+        now = time.time()
+        job_id = uuid.uuid4().hex
+        ttl_ms = int((timeout + self.settings.result_ttl_s) * 1000)
+        inline = len(payload) <= self.settings.inline_payload_max_bytes
+        fields: list[Any] = [
+            "id", job_id,
+            "m", orjson.dumps(meta),
+            "dl", f"{now + timeout:.3f}",
+            "ts", f"{now:.6f}",
+        ]  # fmt: skip
+        if inline:
+            fields += ["b", payload]
+        res = await self._enqueue(
+            keys=[self.keys.queue(model), self.keys.payload(job_id)],
+            args=[self.settings.max_length, ttl_ms, b"" if inline else payload, GROUP, *fields],
+        )
+        if isinstance(res, int):
+            raise QueueFull(
+                f"queue for model '{model}' is full ({res} jobs outstanding); retry later",
+                retry_after=1.0,
+            )
+        return job_id
+
+    async def wait(self, job_id: str, timeout_s: float) -> Result:
+        """Block until the job's result arrives (BLPOP, no polling); DeadlineExceeded after ``timeout_s``."""
+        popped = await self.redis.blpop([self.keys.reply(job_id)], timeout=max(timeout_s, 0.01))
+        if popped is None:
+            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s", job_id=job_id)
+        return Result.decode(popped[1])
+
+    async def call(
+        self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
+    ) -> Result:
+        """Submit and wait; raises the job's own typed error when it failed."""
+        timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
+        job_id = await self.submit(model, meta, payload, timeout_s=timeout)
+        return (await self.wait(job_id, timeout)).raise_for_error()
+
+    async def depth(self, model: str) -> QueueDepth:
+        return await queue_depth(self.redis, self.keys, model)
+
+
+class JobConsumer:
+    """The consumer side (a worker): claim micro-batches, publish results once, reclaim, dead-letter."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        model: str,
+        consumer: str,
+        settings: QueueSettings | None = None,
+        prefix: str = "ks",
+    ) -> None:
+        self.redis = redis
+        self.model = model
+        self.consumer = consumer
+        self.settings = settings or QueueSettings()
+        self.keys = Keys(prefix)
+        self.queue = self.keys.queue(model)
+        self._publish = redis.register_script(_PUBLISH_LUA)
+        self._reclaim_cursor = "0-0"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.queue, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_batch(self, max_batch: int, max_wait_ms: int, block_ms: int = 1000) -> list[Job]:
+        """Wait up to ``block_ms`` for a first job, then up to ``max_wait_ms`` more to fill the batch."""
+        entries = await self._read(max_batch, block_ms)
+        if entries and len(entries) < max_batch and max_wait_ms > 0:
+            until = time.monotonic() + max_wait_ms / 1000
+            while len(entries) < max_batch:
+                left_ms = int((until - time.monotonic()) * 1000)
+                if left_ms < 1:
+                    break
+                more = await self._read(max_batch - len(entries), left_ms)
+                if not more:
+                    break
+                entries += more
+        return await self._to_jobs(entries, deliveries=None)
+
+    async def _read(self, count: int, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
+        resp = await self.redis.xreadgroup(
+            GROUP, self.consumer, {self.queue: ">"}, count=count, block=max(block_ms, 1)
+        )
+        if not resp:
+            return []
+        return list(resp[0][1])
+
+    async def reclaim(self, max_count: int) -> list[Job]:
+        """Take over entries a silent worker held longer than the visibility timeout (XAUTOCLAIM)."""
+        min_idle = int(self.settings.visibility_timeout_s * 1000)
+        resp = await self.redis.xautoclaim(
+            self.queue, GROUP, self.consumer, min_idle, start_id=self._reclaim_cursor, count=max_count
+        )
+        self._reclaim_cursor = _decode_str(resp[0])
+        entries = [e for e in resp[1] if e and e[1]]
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, _ in entries:
+                pipe.xpending_range(self.queue, GROUP, min=entry_id, max=entry_id, count=1)
+            infos = await pipe.execute()
+        deliveries = {
+            _decode_str(info[0]["message_id"]): int(info[0]["times_delivered"]) for info in infos if info
+        }
+        return await self._to_jobs(entries, deliveries)
+
+    async def _to_jobs(
+        self, entries: list[tuple[Any, dict[Any, Any]]], deliveries: dict[str, int] | None
+    ) -> list[Job]:
+        jobs: list[Job] = []
+        for entry_id, fields in entries:
+            eid = _decode_str(entry_id)
+            job_id = _decode_str(fields[b"id"])
+            inline = fields.get(b"b")
+            jobs.append(
+                Job(
+                    job_id=job_id,
+                    model=self.model,
+                    meta=orjson.loads(fields[b"m"]),
+                    payload=inline if inline is not None else b"",
+                    deadline=float(fields[b"dl"]),
+                    enqueued_at=float(fields[b"ts"]),
+                    entry_id=eid,
+                    payload_key=None if inline is not None else self.keys.payload(job_id),
+                    deliveries=(deliveries or {}).get(eid, 1),
+                )
+            )
+        external = [j for j in jobs if j.payload_key]
+        if external:
+            blobs = await self.redis.mget([j.payload_key for j in external])
+            for job, blob in zip(external, blobs, strict=True):
+                job.payload = blob if blob is not None else b""
+                if blob is None:
+                    job.meta["_payload_missing"] = True
+        return jobs
+
+    async def extend(self, jobs: list[Job]) -> None:
+        """Tell the group these jobs are still being worked on (resets their idle time; no delivery counted)."""
+        if jobs:
+            await self.redis.xclaim(
+                self.queue, GROUP, self.consumer, 0, [j.entry_id for j in jobs], justid=True
+            )
+
+    async def publish(self, results: list[tuple[Job, Result]]) -> list[bool]:
+        """Publish each result once (NX marker), then XACK+XDEL the entry; True where this call delivered."""
+        ttl_ms = int(self.settings.result_ttl_s * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job, result in results:
+                await self._publish(
+                    keys=[
+                        self.queue,
+                        self.keys.reply(job.job_id),
+                        self.keys.done(job.job_id),
+                        job.payload_key or self.keys.payload(job.job_id),
+                    ],
+                    args=[GROUP, job.entry_id, result.encode(), ttl_ms],
+                    client=pipe,
+                )
+            out = await pipe.execute()
+        return [bool(x) for x in out]
+
+    async def dead_letter(self, job: Job, reason: str) -> None:
+        """Record the job in the dead-letter stream; its caller gets a JOB_FAILED error."""
+        from kubespeech.errors import JobFailed
+
+        await self.redis.xadd(
+            self.keys.dead_letter(self.model),
+            {
+                "id": job.job_id,
+                "m": orjson.dumps(job.meta),
+                "deliveries": job.deliveries,
+                "reason": reason,
+                "consumer": self.consumer,
+            },
+            maxlen=self.settings.dead_letter_max_length,
+            approximate=True,
+        )
+        err = JobFailed(
+            f"job failed on {job.deliveries} deliveries and was moved to the dead-letter queue: {reason}",
+            job_id=job.job_id,
+        )
+        await self.publish([(job, Result(error=err))])
+
+    async def heartbeat(self, info: dict[str, Any] | None = None) -> None:
+        """Announce this worker as live (and, with ``info``, describe the model it serves)."""
+        now_ms = time.time() * 1000
+        ttl_ms = self.settings.worker_ttl_s * 1000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers(self.model), {self.consumer: now_ms})
+            pipe.zremrangebyscore(self.keys.workers(self.model), "-inf", now_ms - 6 * ttl_ms)
+            if info is not None:
+                pipe.hset(self.keys.models, self.model, orjson.dumps(info))
+            await pipe.execute()
+
+    async def leave(self) -> None:
+        """Stop counting as live (on graceful shutdown)."""
+        await self.redis.zrem(self.keys.workers(self.model), self.consumer)
