@@ -1,0 +1,1 @@
+"""Licensing: signed license tokens, the license proxy, the API-side gate and usage metering."""
