@@ -18,6 +18,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Self-hosted speech AI stack for Kubernetes: one entry point, one subcommand per component."""
+
+
 # Modules that contribute commands, in the order they appear in --help.
 _COMMAND_MODULES = [
     "kubespeech.dev",

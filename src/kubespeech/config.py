@@ -46,3 +46,22 @@ class QueueSettings(BaseSettings):
     worker_heartbeat_s: float = Field(2.0, gt=0, description="How often workers announce themselves.")
     worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long no longer counts as live.")
     dead_letter_max_length: int = Field(10000, ge=1, description="Entries kept per dead-letter stream.")
+
+
+class WorkerSettings(BaseSettings):
+    """One worker process: which queue it serves, with which engine and model, and how it batches."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBESPEECH_WORKER_", extra="ignore")
+
+    task: str = Field("asr", pattern="^(asr|tts)$", description="asr or tts.")
+    model: str = Field(..., min_length=1, description="Model (queue) name clients ask for; pools may share one.")
+    engine: str = Field(..., description="Engine: whisper, piper, nemo (or noop for benchmarks).")
+    model_path: str | None = Field(None, description="Local model path; the engine's bundled model when unset.")
+    device: str = Field("cpu", description="cpu or cuda[:N].")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Most jobs run in one engine call.")
+    max_wait_ms: int = Field(5, ge=0, le=10000, description="How long to wait to fill a batch after the first job.")
+    health_port: int = Field(9090, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any).")
+    health_host: str = Field("0.0.0.0", description="Address the health server binds.")
+    drain_timeout_s: float = Field(60.0, gt=0, description="On SIGTERM, how long in-flight work may take.")
+    engine_options: dict[str, object] = Field(default_factory=dict, description="Engine-specific options (JSON).")
+    consumer_name: str | None = Field(None, description="Consumer name in the group; hostname-pid when unset.")

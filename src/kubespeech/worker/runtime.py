@@ -1,0 +1,271 @@
+"""The worker loop: load once; pull a micro-batch; run the engine; publish one result per job; ack.
+
+Lifecycle (Triton python_backend's shape): load the engine once (readiness stays false until then),
+execute batches, return exactly one result per job with per-job errors, and on SIGTERM stop pulling,
+finish what is in flight, publish, ack and exit 0. A SIGKILL loses nothing: entries still pending in the
+consumer group are reclaimed by another worker after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from kubespeech.config import QueueSettings, RedisSettings, WorkerSettings
+from kubespeech.engines.registry import EngineSpec, load_engine
+from kubespeech.errors import DeadlineExceeded, JobFailed
+from kubespeech.jobs import Job, JobConsumer, Result
+from kubespeech.redis_client import connect
+from kubespeech.worker.handlers import Outcome, TaskHandler, make_handler
+from kubespeech.worker.health import HealthServer
+from kubespeech.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Worker:
+    """One worker process serving one model queue."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        redis_settings: RedisSettings | None = None,
+        queue_settings: QueueSettings | None = None,
+        *,
+        engine: Any | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis_settings = redis_settings or RedisSettings()
+        self.queue_settings = queue_settings or QueueSettings()
+        self.consumer_name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.engine = engine or load_engine(
+            EngineSpec(
+                task=settings.task,
+                engine=settings.engine,
+                model_path=settings.model_path,
+                device=settings.device,
+                options=dict(settings.engine_options),
+            )
+        )
+        self.handler: TaskHandler = make_handler(settings.task, self.engine)
+        self.metrics = WorkerMetrics(settings.model, settings.task, settings.engine)
+        self.redis: Redis | None = None
+        self.consumer: JobConsumer | None = None
+        self.model_loaded = False
+        self.load_error: str | None = None
+        self.redis_ok = False
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.health = HealthServer(
+            settings.health_host,
+            settings.health_port,
+            is_alive=lambda: self.load_error is None,
+            is_ready=self._readiness,
+            registry=self.metrics.registry,
+        )
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop pulling new work; in-flight work finishes (graceful drain)."""
+        if not self.draining:
+            log.info("draining: no new jobs will be pulled", extra={"model": self.settings.model})
+        self.draining = True
+        self._stop.set()
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self.load_error:
+            return False, f"model failed to load: {self.load_error}"
+        if not self.model_loaded:
+            return False, "loading model"
+        if not self.redis_ok:
+            return False, "redis unreachable"
+        if self.draining:
+            return False, "draining"
+        return True, "ready"
+
+    def _set_ready_gauge(self) -> None:
+        self.metrics.ready.labels(**self.metrics.labels).set(1 if self._readiness()[0] else 0)
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        await self.health.start()
+        log.info(
+            "worker starting",
+            extra={"model": self.settings.model, "engine": self.settings.engine, "health_port": self.health.port},
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self.engine.load)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("model failed to load", extra={"error": self.load_error})
+            await self.health.close()
+            return 1
+        self.model_loaded = True
+        self.redis = connect(self.redis_settings, max_connections=16)
+        self.consumer = JobConsumer(
+            self.redis, self.settings.model, self.consumer_name, self.queue_settings, self.redis_settings.key_prefix
+        )
+        heartbeat = asyncio.create_task(self._heartbeat_loop())
+        try:
+            await self._loop()
+        finally:
+            heartbeat.cancel()
+            try:
+                await asyncio.wait_for(self.consumer.leave(), timeout=2)
+            except (RedisError, *_REDIS_ERRORS, TimeoutError):
+                pass
+            await self.redis.aclose()
+            await self.health.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker stopped", extra={"model": self.settings.model})
+        return 0
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.consumer is not None
+        info = self.handler.describe()
+        info.update(model=self.settings.model, batching={"max_batch_size": self.settings.max_batch_size})
+        while True:
+            try:
+                await self.consumer.heartbeat(info)
+                self.redis_ok = True
+            except _REDIS_ERRORS as exc:
+                self.redis_ok = False
+                log.warning("redis heartbeat failed", extra={"error": str(exc)})
+            self._set_ready_gauge()
+            await asyncio.sleep(self.queue_settings.worker_heartbeat_s)
+
+    async def _loop(self) -> None:
+        assert self.consumer is not None
+        backoff = 0.1
+        group_ready = False
+        reclaim_every = max(self.queue_settings.visibility_timeout_s / 2, 0.05)
+        next_reclaim = time.monotonic() + reclaim_every
+        while not self._stop.is_set():
+            try:
+                if not group_ready:
+                    await self.consumer.ensure_group()
+                    group_ready = True
+                jobs: list[Job] = []
+                if time.monotonic() >= next_reclaim:
+                    jobs = await self.consumer.reclaim(self.settings.max_batch_size)
+                    next_reclaim = time.monotonic() + reclaim_every
+                    if jobs:
+                        self.metrics.reclaimed.labels(**self.metrics.labels).inc(len(jobs))
+                        log.info("reclaimed jobs from a silent worker", extra={"count": len(jobs)})
+                if not jobs:
+                    block_ms = int(min(500, max(1, (next_reclaim - time.monotonic()) * 1000)))
+                    jobs = await self.consumer.read_batch(
+                        self.settings.max_batch_size, self.settings.max_wait_ms, block_ms=block_ms
+                    )
+                self.redis_ok = True
+                backoff = 0.1
+                if jobs:
+                    await self._process(jobs)
+            except _REDIS_ERRORS as exc:
+                self.redis_ok = False
+                self._set_ready_gauge()
+                log.warning("redis unavailable, retrying", extra={"error": str(exc), "retry_in_s": backoff})
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 5.0)
+
+    # ----- one micro-batch ------------------------------------------------------------------------
+
+    async def _process(self, jobs: list[Job]) -> None:
+        assert self.consumer is not None
+        labels = self.metrics.labels
+        ready: list[tuple[Job, Result]] = []
+        live: list[Job] = []
+        now = time.time()
+        for job in jobs:
+            if job.deliveries > self.queue_settings.max_deliveries:
+                await self.consumer.dead_letter(job, f"delivered {job.deliveries} times without a result")
+                self.metrics.dead_lettered.labels(**labels).inc()
+                self.metrics.errors.labels(**labels, code=JobFailed.code).inc()
+                continue
+            if job.meta.get("_payload_missing"):
+                # Either another worker finished it (then publishing is a no-op) or the payload expired.
+                ready.append((job, Result(error=JobFailed("job payload is no longer available"))))
+            elif job.expired:
+                ready.append((job, Result(error=DeadlineExceeded("job deadline passed before processing"))))
+            else:
+                live.append(job)
+                self.metrics.queue_wait.labels(**labels).observe(max(now - job.enqueued_at, 0.0))
+        if live:
+            ready.extend(await self._run_engine(live))
+        if ready:
+            await self._publish(ready)
+
+    async def _run_engine(self, jobs: list[Job]) -> list[tuple[Job, Result]]:
+        assert self.consumer is not None
+        labels = self.metrics.labels
+        keep_alive = asyncio.create_task(self._keep_alive(jobs))
+        started = time.perf_counter()
+        try:
+            outcomes: list[Outcome] = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.handler.run_batch, jobs
+            )
+        finally:
+            keep_alive.cancel()
+        elapsed = time.perf_counter() - started
+        self.metrics.batch_size.labels(**labels).observe(len(jobs))
+        self.metrics.processing.labels(**labels).observe(elapsed)
+        audio = sum(o.audio_seconds for o in outcomes)
+        if audio > 0:
+            self.metrics.audio_seconds.labels(**labels).inc(audio)
+            self.metrics.rtf.labels(**labels).observe(elapsed / audio)
+        return [(job, o.result) for job, o in zip(jobs, outcomes, strict=True)]
+
+    async def _keep_alive(self, jobs: list[Job]) -> None:
+        """While the engine runs, keep resetting the jobs' idle time so no one reclaims them."""
+        assert self.consumer is not None
+        interval = max(self.queue_settings.visibility_timeout_s / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.consumer.extend(jobs)
+            except _REDIS_ERRORS:
+                pass
+
+    async def _publish(self, results: list[tuple[Job, Result]]) -> None:
+        assert self.consumer is not None
+        labels = self.metrics.labels
+        delay = 0.1
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while True:
+            try:
+                delivered = await self.consumer.publish(results)
+                break
+            except _REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    # Unacknowledged entries stay pending: another worker (or this one) will redo them.
+                    log.error("could not publish results; they will be redone", extra={"error": str(exc)})
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for (_, result), fresh in zip(results, delivered, strict=True):
+            if not fresh:
+                self.metrics.duplicates.labels(**labels).inc()
+            if result.error is None:
+                self.metrics.jobs.labels(**labels, status="ok").inc()
+            else:
+                self.metrics.jobs.labels(**labels, status="error").inc()
+                self.metrics.errors.labels(**labels, code=result.error.code).inc()
