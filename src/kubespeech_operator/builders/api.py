@@ -1,0 +1,200 @@
+"""The API server's children: config (models file), Deployment, Service and optional Ingress."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubespeech_operator.builders.common import (
+    API_PORT,
+    CONFIG_DIR,
+    CONFIG_HASH_ANNOTATION,
+    LICENSE_PROXY_PORT,
+    SECRETS_DIR,
+    Context,
+    Manifest,
+    container_security_context,
+    env,
+    image,
+    metadata,
+    pod_spec_base,
+    redis_env_and_mounts,
+    resources,
+    selector_labels,
+    stable_hash,
+    tmp_volume,
+)
+
+COMPONENT = "api"
+MODELS_FILE = "models.json"
+
+
+def models_file_entries(ctx: Context) -> list[dict[str, Any]]:
+    """The API's model list: one entry per queue, {"name","task","default","aliases","voices"}.
+
+    Pools sharing a modelName collapse into one entry; the default of a task is the pool marked default, or
+    else the task's first model.
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    for task, pool in ctx.spec.pools():
+        entry = entries.setdefault(
+            pool.queue_name,
+            {"name": pool.queue_name, "task": task, "default": False, "aliases": [], "voices": []},
+        )
+        entry["default"] = entry["default"] or pool.default
+        for alias in pool.aliases or []:
+            if alias not in entry["aliases"]:
+                entry["aliases"].append(alias)
+        for voice in getattr(pool, "voices", None) or []:
+            if voice not in entry["voices"]:
+                entry["voices"].append(voice)
+    result = list(entries.values())
+    for task in ("asr", "tts"):
+        of_task = [entry for entry in result if entry["task"] == task]
+        if of_task and not any(entry["default"] for entry in of_task):
+            of_task[0]["default"] = True
+    return result
+
+
+def config_data(ctx: Context) -> dict[str, str]:
+    return {MODELS_FILE: json.dumps(models_file_entries(ctx), indent=2, sort_keys=True) + "\n"}
+
+
+def build_config_map(ctx: Context) -> Manifest:
+    """Non-secret configuration: the API's models file."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(ctx, ctx.config_name, COMPONENT),
+        "data": config_data(ctx),
+    }
+
+
+def build_api_deployment(ctx: Context) -> Manifest:
+    api = ctx.spec.api
+    redis_env, volumes, mounts = redis_env_and_mounts(ctx)
+    tmp, tmp_mount = tmp_volume()
+    keys_ref = api.api_keys_secret_ref
+    volumes = [
+        tmp,
+        {
+            "name": "config",
+            "configMap": {"name": ctx.config_name, "items": [{"key": MODELS_FILE, "path": MODELS_FILE}]},
+        },
+        {
+            "name": "api-keys",
+            "secret": {"secretName": keys_ref.name, "items": [{"key": keys_ref.key, "path": "keys"}]},
+        },
+        *volumes,
+    ]
+    mounts = [
+        tmp_mount,
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "api-keys", "mountPath": f"{SECRETS_DIR}/api-keys", "readOnly": True},
+        *mounts,
+    ]
+    container = {
+        "name": "api",
+        "image": image(ctx.spec, "api-server"),
+        "imagePullPolicy": ctx.spec.images.pull_policy,
+        "command": ["kubespeech", "api"],
+        "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],
+        "env": [
+            *redis_env,
+            env("KUBESPEECH_API_HOST", "0.0.0.0"),
+            env("KUBESPEECH_API_PORT", API_PORT),
+            env("KUBESPEECH_API_KEYS_FILE", f"{SECRETS_DIR}/api-keys/keys"),
+            env("KUBESPEECH_API_MODELS_FILE", f"{CONFIG_DIR}/{MODELS_FILE}"),
+            env("KUBESPEECH_API_LICENSE_PROXY_URL", f"http://{ctx.license_proxy_name}:{LICENSE_PROXY_PORT}"),
+        ],
+        "resources": resources(api.resources, "api"),
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 30,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+        # Let the Service and Ingress stop routing here before the server starts shutting down.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        "securityContext": container_security_context(ctx.spec),
+        "volumeMounts": mounts,
+    }
+    pod_spec = pod_spec_base(ctx, ctx.api_name)
+    pod_spec.update({"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 60})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(ctx, ctx.api_name, COMPONENT),
+        "spec": {
+            "replicas": api.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": metadata(ctx, ctx.api_name, COMPONENT)["labels"],
+                    # The models file is read at start: roll the pods when it changes.
+                    "annotations": {CONFIG_HASH_ANNOTATION: stable_hash(config_data(ctx))},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_api_service(ctx: Context) -> Manifest:
+    service = ctx.spec.api.service
+    meta = metadata(ctx, ctx.api_name, COMPONENT, annotations=service.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": service.type,
+            "selector": selector_labels(ctx, COMPONENT),
+            "ports": [{"name": "http", "port": service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_ingress(ctx: Context) -> Manifest | None:
+    ingress = ctx.spec.api.ingress
+    if not ingress.enabled:
+        return None
+    spec: dict[str, Any] = {
+        "rules": [
+            {
+                "host": ingress.host,
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": ctx.api_name, "port": {"name": "http"}}},
+                        }
+                    ]
+                },
+            }
+        ]
+    }
+    if ingress.class_name:
+        spec["ingressClassName"] = ingress.class_name
+    if ingress.tls_secret_name:
+        spec["tls"] = [{"hosts": [ingress.host], "secretName": ingress.tls_secret_name}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": metadata(ctx, ctx.api_name, COMPONENT, annotations=ingress.annotations),
+        "spec": spec,
+    }
