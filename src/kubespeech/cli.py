@@ -19,7 +19,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Self-hosted speech AI stack for Kubernetes: one entry point, one subcommand per component."""

@@ -14,10 +14,18 @@ class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBESPEECH_REDIS_", extra="ignore")
 
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL (no password in it).")
-    password: SecretStr | None = Field(None, description="Redis password; prefer password_file in Kubernetes.")
-    password_file: Path | None = Field(None, description="File holding the Redis password (a mounted Secret).")
-    key_prefix: str = Field("ks", description="Prefix of every key the stack writes, so stacks can share a Redis.")
-    tls_insecure_skip_verify: bool = Field(False, description="Skip certificate checks for rediss:// (testing).")
+    password: SecretStr | None = Field(
+        None, description="Redis password; prefer password_file in Kubernetes."
+    )
+    password_file: Path | None = Field(
+        None, description="File holding the Redis password (a mounted Secret)."
+    )
+    key_prefix: str = Field(
+        "ks", description="Prefix of every key the stack writes, so stacks can share a Redis."
+    )
+    tls_insecure_skip_verify: bool = Field(
+        False, description="Skip certificate checks for rediss:// (testing)."
+    )
 
     def resolved_password(self) -> str | None:
         if self.password is not None:
@@ -36,13 +44,19 @@ class QueueSettings(BaseSettings):
     visibility_timeout_s: float = Field(
         30.0, gt=0, description="A job held this long by a silent worker is reclaimed by another worker."
     )
-    max_deliveries: int = Field(3, ge=1, description="Deliveries before a job goes to the dead-letter stream.")
+    max_deliveries: int = Field(
+        3, ge=1, description="Deliveries before a job goes to the dead-letter stream."
+    )
     result_ttl_s: float = Field(120.0, gt=0, description="How long an unread result or payload is kept.")
     inline_payload_max_bytes: int = Field(
-        16 * 1024, ge=0, description="Payloads up to this size ride in the stream entry; larger ones in one key."
+        16 * 1024,
+        ge=0,
+        description="Payloads up to this size ride in the stream entry; larger ones in one key.",
     )
     max_payload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest payload accepted on a queue.")
-    default_deadline_s: float = Field(120.0, gt=0, description="Deadline of a job when the caller gives none.")
+    default_deadline_s: float = Field(
+        120.0, gt=0, description="Deadline of a job when the caller gives none."
+    )
     worker_heartbeat_s: float = Field(2.0, gt=0, description="How often workers announce themselves.")
     worker_ttl_s: float = Field(10.0, gt=0, description="A worker silent this long no longer counts as live.")
     dead_letter_max_length: int = Field(10000, ge=1, description="Entries kept per dead-letter stream.")
@@ -54,14 +68,26 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBESPEECH_WORKER_", extra="ignore")
 
     task: str = Field("asr", pattern="^(asr|tts)$", description="asr or tts.")
-    model: str = Field(..., min_length=1, description="Model (queue) name clients ask for; pools may share one.")
+    model: str = Field(
+        ..., min_length=1, description="Model (queue) name clients ask for; pools may share one."
+    )
     engine: str = Field(..., description="Engine: whisper, piper, nemo (or noop for benchmarks).")
-    model_path: str | None = Field(None, description="Local model path; the engine's bundled model when unset.")
+    model_path: str | None = Field(
+        None, description="Local model path; the engine's bundled model when unset."
+    )
     device: str = Field("cpu", description="cpu or cuda[:N].")
     max_batch_size: int = Field(8, ge=1, le=1024, description="Most jobs run in one engine call.")
-    max_wait_ms: int = Field(5, ge=0, le=10000, description="How long to wait to fill a batch after the first job.")
-    health_port: int = Field(9090, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any).")
+    max_wait_ms: int = Field(
+        5, ge=0, le=10000, description="How long to wait to fill a batch after the first job."
+    )
+    health_port: int = Field(
+        9090, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any)."
+    )
     health_host: str = Field("0.0.0.0", description="Address the health server binds.")
     drain_timeout_s: float = Field(60.0, gt=0, description="On SIGTERM, how long in-flight work may take.")
-    engine_options: dict[str, object] = Field(default_factory=dict, description="Engine-specific options (JSON).")
-    consumer_name: str | None = Field(None, description="Consumer name in the group; hostname-pid when unset.")
+    engine_options: dict[str, object] = Field(
+        default_factory=dict, description="Engine-specific options (JSON)."
+    )
+    consumer_name: str | None = Field(
+        None, description="Consumer name in the group; hostname-pid when unset."
+    )

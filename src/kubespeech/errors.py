@@ -32,7 +32,9 @@ class KubespeechError(Exception):
     @staticmethod
     def from_dict(data: dict[str, Any]) -> KubespeechError:
         cls = _BY_CODE.get(str(data.get("code")), KubespeechError)
-        err = cls(str(data.get("message", "")), retry_after=data.get("retry_after"), **data.get("details", {}))
+        err = cls(
+            str(data.get("message", "")), retry_after=data.get("retry_after"), **data.get("details", {})
+        )
         return err
 
 

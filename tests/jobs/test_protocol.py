@@ -108,7 +108,11 @@ async def test_large_payload_is_stored_once_outside_the_stream_and_removed_after
     entries = await redis.xrange(keys.queue("m"))
     assert b"b" not in entries[0][1], "a large payload must not ride in the stream entry"
     assert await redis.get(keys.payload(job_id)) == audio
-    assert 0 < await redis.pttl(keys.payload(job_id)) <= (SETTINGS.default_deadline_s + SETTINGS.result_ttl_s) * 1000
+    assert (
+        0
+        < await redis.pttl(keys.payload(job_id))
+        <= (SETTINGS.default_deadline_s + SETTINGS.result_ttl_s) * 1000
+    )
     (job,) = await worker.read_batch(1, 0, 100)
     assert job.payload == audio
     await worker.publish([(job, Result())])

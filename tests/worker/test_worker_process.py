@@ -53,8 +53,12 @@ async def test_worker_serves_jobs_in_batches_and_reports_metrics(
         assert [r.header["text"] for r in results] == [f"{100 + i} samples" for i in range(16)]
         status, metrics = worker.get("/metrics")
         assert status == 200
-        assert 'kubespeech_worker_jobs_total{engine="noop",model="noop",status="ok",task="asr"} 16.0' in metrics
-        batches = [line for line in metrics.splitlines() if line.startswith("kubespeech_worker_batch_size_count")]
+        assert (
+            'kubespeech_worker_jobs_total{engine="noop",model="noop",status="ok",task="asr"} 16.0' in metrics
+        )
+        batches = [
+            line for line in metrics.splitlines() if line.startswith("kubespeech_worker_batch_size_count")
+        ]
         assert batches and float(batches[0].split()[-1]) < 16, "jobs were not grouped into micro-batches"
         assert worker.get("/healthz")[0] == 200
         described = await client.redis.hget(Keys().models, "noop")
@@ -86,7 +90,9 @@ async def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(
     victim = WorkerProcess(redis_server.url, task="asr", model="m-kill", engine="noop", max_batch_size=4,
                            engine_options={"delay_s": 30}, env=FAST)  # fmt: skip
     victim.wait_ready()
-    calls = [asyncio.create_task(client.call("m-kill", asr_meta(), audio(10 + i), timeout_s=60)) for i in range(10)]
+    calls = [
+        asyncio.create_task(client.call("m-kill", asr_meta(), audio(10 + i), timeout_s=60)) for i in range(10)
+    ]
     await wait_in_flight(client, "m-kill", 4)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
@@ -104,17 +110,23 @@ async def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(
         rescuer.stop()
 
 
-async def test_sigterm_drains_in_flight_work_and_exits_zero(redis_server: RedisServer, client: JobClient) -> None:
+async def test_sigterm_drains_in_flight_work_and_exits_zero(
+    redis_server: RedisServer, client: JobClient
+) -> None:
     worker = WorkerProcess(redis_server.url, task="asr", model="m-drain", engine="noop", max_batch_size=2,
                            engine_options={"delay_s": 1.0})  # fmt: skip
     worker.wait_ready()
-    calls = [asyncio.create_task(client.call("m-drain", asr_meta(), audio(20 + i), timeout_s=30)) for i in range(5)]
+    calls = [
+        asyncio.create_task(client.call("m-drain", asr_meta(), audio(20 + i), timeout_s=30)) for i in range(5)
+    ]
     await wait_in_flight(client, "m-drain", 2)
     worker.proc.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(worker.proc.wait, 20)
     assert code == 0
     finished = [c for c in calls if c.done()]
-    assert len(finished) >= 2 and all(not c.exception() for c in finished), "in-flight jobs were not completed"
+    assert len(finished) >= 2 and all(not c.exception() for c in finished), (
+        "in-flight jobs were not completed"
+    )
     depth = await client.depth("m-drain")
     assert depth.in_flight == 0 and depth.waiting == 5 - len(finished), "a job was lost or left pending"
     successor = WorkerProcess(redis_server.url, task="asr", model="m-drain", engine="noop")

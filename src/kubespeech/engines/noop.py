@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,7 +73,9 @@ class NoopTtsEngine:
     def _one(self, request: TtsRequest) -> TtsResult:
         if not request.text.strip():
             raise EmptyInput("text is empty")
-        return TtsResult(audio=np.zeros(len(request.text) * 160, dtype=np.float32), sample_rate=self.sample_rate)
+        return TtsResult(
+            audio=np.zeros(len(request.text) * 160, dtype=np.float32), sample_rate=self.sample_rate
+        )
 
     def synthesize_batch(self, requests: Sequence[TtsRequest]) -> list[TtsResult | Exception]:
         out: list[TtsResult | Exception] = []

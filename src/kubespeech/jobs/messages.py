@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kubespeech.engines.base import Audio, AsrRequest, AsrResult, TtsRequest
+from kubespeech.engines.base import AsrRequest, AsrResult, Audio, TtsRequest
 
 ASR_SAMPLE_RATE = 16000
 
@@ -69,7 +69,9 @@ def asr_result_header(result: AsrResult) -> dict[str, Any]:
     }
 
 
-def tts_meta(*, text: str, voice: str | None = None, speed: float = 1.0, language: str | None = None) -> dict[str, Any]:
+def tts_meta(
+    *, text: str, voice: str | None = None, speed: float = 1.0, language: str | None = None
+) -> dict[str, Any]:
     return {"task": "tts", "text": text, "voice": voice, "speed": speed, "language": language}
 
 

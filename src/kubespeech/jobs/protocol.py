@@ -228,7 +228,7 @@ class JobClient:
 
     async def wait(self, job_id: str, timeout_s: float) -> Result:
         """Block until the job's result arrives (BLPOP, no polling); DeadlineExceeded after ``timeout_s``."""
-        popped = await self.redis.blpop([self.keys.reply(job_id)], timeout=max(timeout_s, 0.01))
+        popped: Any = await self.redis.blpop([self.keys.reply(job_id)], timeout=max(timeout_s, 0.01))
         if popped is None:
             raise DeadlineExceeded(f"no result within {timeout_s:.1f} s", job_id=job_id)
         return Result.decode(popped[1])
@@ -288,7 +288,7 @@ class JobConsumer:
         return await self._to_jobs(entries, deliveries=None)
 
     async def _read(self, count: int, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
-        resp = await self.redis.xreadgroup(
+        resp: Any = await self.redis.xreadgroup(
             GROUP, self.consumer, {self.queue: ">"}, count=count, block=max(block_ms, 1)
         )
         if not resp:
@@ -337,7 +337,7 @@ class JobConsumer:
             )
         external = [j for j in jobs if j.payload_key]
         if external:
-            blobs = await self.redis.mget([j.payload_key for j in external])
+            blobs: Any = await self.redis.mget([j.payload_key for j in external if j.payload_key])
             for job, blob in zip(external, blobs, strict=True):
                 job.payload = blob if blob is not None else b""
                 if blob is None:

@@ -93,7 +93,8 @@ class TtsHandler:
 
     def describe(self) -> dict[str, Any]:
         voices = [
-            {"id": v.id, "name": v.name, "language": v.language, "gender": v.gender} for v in self.engine.voices()
+            {"id": v.id, "name": v.name, "language": v.language, "gender": v.gender}
+            for v in self.engine.voices()
         ]
         return {"task": "tts", **self.engine.describe(), "voices": voices}
 

@@ -63,7 +63,11 @@ class HealthServer:
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
         if path == "/healthz":
             ok = self.is_alive()
-            return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", b"ok\n" if ok else b"unhealthy\n"
+            return (
+                ("200 OK" if ok else "503 Service Unavailable"),
+                "text/plain",
+                b"ok\n" if ok else b"unhealthy\n",
+            )
         if path == "/readyz":
             ready, why = self.is_ready()
             return ("200 OK" if ready else "503 Service Unavailable"), "text/plain", (why + "\n").encode()

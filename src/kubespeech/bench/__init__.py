@@ -1,0 +1,1 @@
+"""``kubespeech bench``: benchmark suites that print a table and write JSON."""

@@ -1,0 +1,81 @@
+"""``kubespeech bench``: run the benchmark suites, print a table per suite, and write one JSON file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+SUITES = ("protocol", "engine", "operator", "gpu")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench(
+        suite: list[str] = typer.Option(
+            ["protocol", "engine"], "--suite", "-s", help=f"Suites to run: {', '.join(SUITES)} (repeatable)."
+        ),
+        gpu: bool = typer.Option(
+            False, "--gpu", help="Run the NeMo GPU suite (says so and exits 0 without a GPU)."
+        ),
+        operator: bool = typer.Option(False, "--operator", help="Also run the operator suite (KMock)."),
+        seconds: float = typer.Option(5.0, help="Measurement window per load level."),
+        concurrency: list[int] = typer.Option([1, 8, 64], "--concurrency", "-c", help="Client counts."),
+        out: Path = typer.Option(Path("bench-results"), help="Directory for the JSON results."),
+    ) -> None:
+        """Measure the stack (no-op protocol overhead, engine vs stack, memory, operator, GPU) and write JSON."""
+        from kubespeech.bench import stack
+
+        suites = ["gpu"] if gpu else list(suite)
+        if operator and "operator" not in suites:
+            suites.append("operator")
+        unknown = [s for s in suites if s not in SUITES]
+        if unknown:
+            typer.echo(f"unknown suite(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}", err=True)
+            raise typer.Exit(2)
+        results: dict[str, Any] = {"machine": stack.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if "protocol" in suites:
+            res = asyncio.run(stack.protocol_overhead(seconds, tuple(concurrency)))
+            results["protocol"] = res
+            typer.echo(
+                "\n== No-op engine: API -> Redis -> worker -> API (64 kB body) vs bare FastAPI route =="
+            )
+            typer.echo(_table(res["load"]))
+            typer.echo(f"memory: {res['memory']}")
+        if "engine" in suites:
+            res = asyncio.run(stack.engine_vs_stack())
+            results["engine_vs_stack"] = res
+            typer.echo(
+                "\n== ~5 s utterance: whisper engine called directly vs through the stack (medians) =="
+            )
+            typer.echo(_table([res]))
+        if "operator" in suites:
+            from kubespeech_operator.bench import run_operator_bench
+
+            res = run_operator_bench()
+            results["operator"] = res
+            typer.echo("\n== Operator (KMock) ==")
+            typer.echo(json.dumps(res, indent=2))
+        if "gpu" in suites:
+            from kubespeech.bench.gpu import run_gpu_bench
+
+            res = run_gpu_bench()
+            results["gpu"] = res
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps(results, indent=2))
+        typer.echo(f"\nmachine: {results['machine']}\nresults: {path}")

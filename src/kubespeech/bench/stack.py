@@ -1,0 +1,300 @@
+"""Benchmarks of the data plane: protocol overhead (no-op engine), engine vs stack, and memory.
+
+The stack under test is real: redis-server, ``kubespeech api`` and ``kubespeech worker`` processes, started
+by the same supervisor as ``kubespeech dev``; load comes from an asyncio client in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import secrets
+import statistics
+import tempfile
+import time
+import wave
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kubespeech.dev import Child, Supervisor, _free_port, _kubespeech, _wait_tcp, find_redis_server
+
+
+@dataclass
+class LoadResult:
+    name: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        data = sorted(self.latencies_ms)
+        return data[min(int(q * len(data)), len(data) - 1)]
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "errors": self.errors,
+            "rps": round(self.rps, 1),
+            "p50_ms": round(self.percentile(0.50), 2),
+            "p99_ms": round(self.percentile(0.99), 2),
+        }
+
+
+async def run_load(
+    name: str, request: Callable[[], Awaitable[bool]], concurrency: int, seconds: float, warmup_s: float = 0.5
+) -> LoadResult:
+    """Closed-loop load: ``concurrency`` clients each send the next request when the previous one returns."""
+    latencies: list[float] = []
+    errors = 0
+    count = 0
+    measuring = False
+    stop_at = 0.0
+
+    async def client() -> None:
+        nonlocal errors, count
+        while True:
+            now = time.perf_counter()
+            if measuring and now >= stop_at:
+                return
+            ok = await request()
+            took = (time.perf_counter() - now) * 1000
+            if measuring:
+                count += 1
+                latencies.append(took)
+                if not ok:
+                    errors += 1
+
+    # Warm up with the same concurrency, then measure a fixed window.
+    warm = [asyncio.create_task(client()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup_s)
+    measuring = True
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*warm)
+    elapsed = time.perf_counter() - started
+    return LoadResult(name, concurrency, count, errors, elapsed, latencies)
+
+
+def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process in MB (from /proc; no extra dependency)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class BenchStack:
+    """Redis + API + the given workers, as real processes."""
+
+    def __init__(self, workers: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
+        self.workers = workers
+        self.models = models
+        self.dir = Path(tempfile.mkdtemp(prefix="kubespeech-bench-"))
+        (self.dir / "logs").mkdir()
+        self.sup = Supervisor(self.dir, self.dir / "logs", verbose=False)
+        self.key = "ks-bench-" + secrets.token_urlsafe(16)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api: Child | None = None
+        self.worker_children: list[Child] = []
+
+    def start(self) -> None:
+        redis_port = _free_port()
+        self.sup.start(
+            Child(
+                "redis",
+                [
+                    find_redis_server(),
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                ],
+                None,
+            )
+        )
+        _wait_tcp("127.0.0.1", redis_port, 10)
+        env = {
+            "KUBESPEECH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "KUBESPEECH_LOG_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+        }
+        ks = _kubespeech()
+        for w in self.workers:
+            health = _free_port()
+            args = [*ks, "worker", "--task", w["task"], "--model", w["model"], "--engine", w["engine"],
+                    "--health-port", str(health), "--max-batch-size", str(w.get("max_batch_size", 32)),
+                    "--max-wait-ms", str(w.get("max_wait_ms", 0))]  # fmt: skip
+            child = Child(f"worker-{w['model']}", args, f"http://127.0.0.1:{health}/readyz", env=env)
+            self.sup.start(child)
+            self.worker_children.append(child)
+        keys = self.dir / "keys"
+        keys.write_text("sha256:" + hashlib.sha256(self.key.encode()).hexdigest() + "\n")
+        models = self.dir / "models.json"
+        models.write_text(json.dumps(self.models))
+        self.api = Child(
+            "api",
+            [*ks, "api"],
+            f"{self.url}/ready",
+            env={
+                **env,
+                "KUBESPEECH_API_HOST": "127.0.0.1",
+                "KUBESPEECH_API_PORT": str(self.port),
+                "KUBESPEECH_API_KEYS_FILE": str(keys),
+                "KUBESPEECH_API_MODELS_FILE": str(models),
+            },
+        )
+        self.sup.start(self.api)
+        for child in self.sup.children:
+            self.sup.wait_ready(child, 180)
+
+    def stop(self) -> None:
+        self.sup.stop_all()
+
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.proc.pid for c in self.sup.children if c.proc is not None}
+
+
+async def protocol_overhead(seconds: float, concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    """No-op engine through API → Redis → worker → API with a 64 kB body, beside a bare FastAPI route."""
+    import aiohttp
+
+    stack = BenchStack(
+        workers=[{"task": "asr", "model": "noop", "engine": "noop", "max_batch_size": 64}],
+        models=[{"name": "noop", "task": "asr", "default": True, "aliases": []}],
+    )
+    stack.start()
+    try:
+        body = wav_bytes(np.zeros(32000 - 22, dtype=np.float32), 16000)  # 64 kB on the wire
+        headers = {"Authorization": f"Bearer {stack.key}", "Content-Type": "audio/wav"}
+        rows = []
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def stt() -> bool:
+                async with session.post(
+                    f"{stack.url}/waves/v1/stt/?model=noop", data=body, headers=headers
+                ) as r:
+                    await r.read()
+                    return r.status == 200
+
+            async def bare() -> bool:
+                async with session.get(f"{stack.url}/health") as r:
+                    await r.read()
+                    return r.status == 200
+
+            assert await stt(), "the no-op STT request failed; see " + str(stack.dir / "logs")
+            for c in concurrencies:
+                rows.append((await run_load("noop-stt-64kB", stt, c, seconds)).row())
+                rows.append((await run_load("bare-fastapi-health", bare, c, seconds)).row())
+            pids = stack.pids()
+            memory = {
+                "api_rss_mb": round(rss_mb(pids["api"]), 1),
+                "noop_worker_rss_mb": round(rss_mb(pids["worker-noop"]), 1),
+            }
+            memory["together_mb"] = round(memory["api_rss_mb"] + memory["noop_worker_rss_mb"], 1)
+        return {"load": rows, "memory": memory}
+    finally:
+        stack.stop()
+
+
+async def engine_vs_stack(repeats: int = 5) -> dict[str, Any]:
+    """Median time of a ~5 s utterance: the whisper engine called directly vs the same request via the stack."""
+    import aiohttp
+
+    from kubespeech.engines.base import AsrRequest, TtsRequest
+    from kubespeech.engines.registry import EngineSpec, load_engine
+
+    tts = load_engine(EngineSpec(task="tts", engine="piper"))
+    tts.load()
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
+    (speech,) = tts.synthesize_batch([TtsRequest(text=text)])
+    import soxr
+
+    audio16 = np.asarray(soxr.resample(speech.audio, speech.sample_rate, 16000), dtype=np.float32)
+    audio16 = audio16[: 16000 * 5] if len(audio16) > 16000 * 5 else audio16
+    seconds = len(audio16) / 16000
+
+    asr = load_engine(EngineSpec(task="asr", engine="whisper"))
+    asr.load()
+    direct = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        asr.transcribe_batch([AsrRequest(audio=audio16, language="en")])
+        direct.append(time.perf_counter() - t)
+    del asr
+
+    stack = BenchStack(
+        workers=[{"task": "asr", "model": "whisper-tiny-en", "engine": "whisper", "max_batch_size": 8}],
+        models=[{"name": "whisper-tiny-en", "task": "asr", "default": True, "aliases": []}],
+    )
+    stack.start()
+    try:
+        body = wav_bytes(audio16, 16000)
+        headers = {"Authorization": f"Bearer {stack.key}", "Content-Type": "audio/wav"}
+        via = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(repeats + 1):
+                t = time.perf_counter()
+                async with session.post(
+                    f"{stack.url}/waves/v1/stt/?model=whisper-tiny-en&language=en", data=body, headers=headers
+                ) as r:
+                    await r.read()
+                    assert r.status == 200, await r.text()
+                via.append(time.perf_counter() - t)
+    finally:
+        stack.stop()
+    d, s = statistics.median(direct[1:]), statistics.median(via[1:])
+    return {
+        "utterance_seconds": round(seconds, 2),
+        "engine_direct_median_s": round(d, 4),
+        "through_stack_median_s": round(s, 4),
+        "ratio": round(s / d, 4),
+    }
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"
