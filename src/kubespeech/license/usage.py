@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,6 +26,27 @@ DEFAULT_MAX_EVENTS = 100_000
 FEATURES = frozenset({"asr", "tts", "streaming"})
 # Daily audio counters only need to outlive the day they count (plus clock slack).
 _DAY_COUNTER_TTL_S = 3 * 86400
+
+
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_event(fields: Mapping[Any, Any] | None) -> dict[str, Any] | None:
+    """A stream entry as the event sent upstream (typed fields), or None if it is not a usage event."""
+    f = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
+    try:
+        return {
+            "id": f["id"],
+            "ts": float(f["ts"]),
+            "feature": f["feature"],
+            "model": f["model"],
+            "audio_seconds": float(f["audio_seconds"]),
+            "characters": int(f["characters"]),
+            "status_code": int(f["status_code"]),
+        }
+    except (KeyError, ValueError):
+        return None
 
 
 class UsageRecorder:
