@@ -204,3 +204,32 @@ def _start_redis_on(port: int) -> RedisServer:
         return start_redis()
     finally:
         conftest.free_port = original
+
+
+async def test_redis_lost_mid_run_then_back_serves_again() -> None:
+    own = start_redis()
+    worker = WorkerProcess(own.url, task="asr", model="m-flap", engine="noop")
+    try:
+        worker.wait_ready()
+        assert own.process is not None
+        own.process.terminate()
+        own.process.wait(5)
+        until = time.monotonic() + 20
+        while worker.get("/readyz")[0] == 200:
+            assert time.monotonic() < until, "worker kept reporting ready without Redis"
+            await asyncio.sleep(0.05)
+        assert worker.get("/healthz")[0] == 200, "losing Redis must not fail liveness (no restart loop)"
+        back = _start_redis_on(own.port)
+        try:
+            worker.wait_ready(timeout=30)
+            redis = Redis.from_url(back.url)
+            try:
+                result = await JobClient(redis, QUEUE).call("m-flap", asr_meta(), audio(5), timeout_s=10)
+                assert result.header["text"] == "5 samples"
+            finally:
+                await redis.aclose()
+        finally:
+            assert back.process is not None
+            back.process.terminate()
+    finally:
+        assert worker.stop() == 0

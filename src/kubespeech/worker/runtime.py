@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kubespeech.config import QueueSettings, RedisSettings, WorkerSettings
@@ -188,6 +188,12 @@ class Worker:
                 backoff = 0.1
                 if jobs:
                     await self._process(jobs)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back empty (restart without persistence, or a flush): recreate the group.
+                log.warning("consumer group missing; recreating it", extra={"model": self.settings.model})
+                group_ready = False
             except _REDIS_ERRORS as exc:
                 self.redis_ok = False
                 self._set_ready_gauge()
