@@ -1,0 +1,297 @@
+"""The one service layer under every surface: resolve the model, check the license, decode, enqueue, wait,
+encode, meter. Route modules only translate their surface's request/response shapes to and from these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubespeech.api import metrics
+from kubespeech.api.registry import ModelInfo, ModelRegistry
+from kubespeech.api.settings import ApiSettings
+from kubespeech.audio import (
+    AudioLimits,
+    DecodedAudio,
+    decode_audio,
+    decode_raw_pcm,
+    encode_audio,
+    resample_pcm16,
+)
+from kubespeech.audio.sniff import WAV, sniff_format
+from kubespeech.errors import (
+    DeadlineExceeded,
+    EmptyInput,
+    InvalidInput,
+    KubespeechError,
+    NoWorkers,
+    TextTooLong,
+)
+from kubespeech.jobs import JobClient, Result
+from kubespeech.jobs.messages import ASR_SAMPLE_RATE, asr_meta, tts_meta
+
+log = logging.getLogger(__name__)
+
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+# Language values that mean "detect it" (Smallest's regional aggregators, OpenAI's omission).
+_AUTO_LANGUAGES = {"auto", "multi", "multi-eu", "multi-asian", "multi-indic", "detect"}
+# Work that takes longer than this on the event loop goes to a thread instead.
+_INLINE_DECODE_BYTES = 256 * 1024
+_INLINE_ENCODE_FORMATS = {"pcm", "wav", "mulaw", "ulaw", "alaw"}
+
+
+def normalize_language(language: str | None) -> str | None:
+    """ISO 639 code for the engine (``en-US`` -> ``en``), None for auto-detection; 422 for junk."""
+    if language is None or language == "":
+        return None
+    lang = language.strip()
+    if lang.lower() in _AUTO_LANGUAGES:
+        return None
+    if not _LANGUAGE.match(lang):
+        raise InvalidInput(f"language '{language[:40]}' is not a language code", param="language")
+    return lang.split("-")[0].split("_")[0].lower()
+
+
+@dataclass(slots=True)
+class TranscribeRequest:
+    audio: bytes
+    model: str | None = None
+    language: str | None = None
+    word_timestamps: bool = False
+    prompt: str | None = None
+    temperature: float = 0.0
+    raw_sample_rate: int | None = None  # set for headerless PCM
+    raw_encoding: str = "linear16"
+    raw_channels: int = 1
+    surface: str = "waves"
+
+
+@dataclass(slots=True)
+class Transcript:
+    model: str
+    text: str
+    language: str | None
+    duration: float
+    words: list[dict[str, Any]]
+    segments: list[dict[str, Any]]
+    source_format: str
+    source_sample_rate: int
+    source_channels: int
+    file_size: int
+    processing_ms: float
+
+
+@dataclass(slots=True)
+class SynthesizeRequest:
+    text: str
+    model: str | None = None
+    voice: str | None = None
+    speed: float = 1.0
+    language: str | None = None
+    sample_rate: int | None = None  # None: the model's native rate
+    output_format: str = "wav"
+    surface: str = "waves"
+
+
+@dataclass(slots=True)
+class Speech:
+    model: str
+    voice: str | None
+    audio: bytes
+    content_type: str
+    sample_rate: int
+    duration: float
+    output_format: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SpeechService:
+    def __init__(
+        self,
+        settings: ApiSettings,
+        jobs: JobClient,
+        registry: ModelRegistry,
+        license_gate: Any,
+        usage: Any,
+    ) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.registry = registry
+        self.license = license_gate
+        self.usage = usage
+        self.audio_limits = AudioLimits(
+            max_bytes=settings.limits.max_upload_bytes, max_seconds=settings.limits.max_audio_seconds
+        )
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _record(self, feature: str, model: str, audio_seconds: float, characters: int, status: int) -> None:
+        """Meter a finished request without making the client wait for the Redis write."""
+        if self.usage is None:
+            return
+        task = asyncio.create_task(
+            self.usage.record(
+                feature=feature,
+                model=model,
+                audio_seconds=audio_seconds,
+                characters=characters,
+                status_code=status,
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending usage writes (on shutdown)."""
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def _call(self, model: ModelInfo, meta: dict[str, Any], payload: bytes) -> Result:
+        timeout = self.settings.limits.request_timeout_s
+        if self.registry.live.get(model.name, 0) > 0:
+            return await self.jobs.call(model.name, meta, payload, timeout_s=timeout)
+        # Cold start: enqueue first, so the queue depth the autoscaler watches shows the demand, then hold
+        # the request for a bounded time while a worker comes up.
+        started = time.monotonic()
+        job_id = await self.jobs.submit(model.name, meta, payload, timeout_s=timeout)
+        wait = self.settings.limits.cold_start_wait_s
+        if not await self.registry.wait_for_worker(model.name, wait):
+            metrics.COLD_STARTS.labels(model.name, "unavailable").inc()
+            raise NoWorkers(
+                f"no worker serves model '{model.name}' yet (cold start); retry shortly",
+                retry_after=float(self.settings.limits.retry_after_s),
+                model=model.name,
+            )
+        metrics.COLD_STARTS.labels(model.name, "served").inc()
+        left = max(timeout - (time.monotonic() - started), 0.05)
+        result = await self.jobs.wait(job_id, left)
+        return result.raise_for_error()
+
+    async def _check_license(self, feature: str) -> None:
+        if self.license is not None:
+            await self.license.check(feature)
+
+    # -- speech to text -------------------------------------------------------------------------------
+
+    def _decode(self, req: TranscribeRequest) -> DecodedAudio:
+        if req.raw_sample_rate is not None:
+            return decode_raw_pcm(
+                req.audio,
+                sample_rate=req.raw_sample_rate,
+                target_rate=ASR_SAMPLE_RATE,
+                channels=req.raw_channels,
+                encoding=req.raw_encoding,
+                limits=self.audio_limits,
+            )
+        return decode_audio(req.audio, target_rate=ASR_SAMPLE_RATE, limits=self.audio_limits)
+
+    async def transcribe(self, req: TranscribeRequest) -> Transcript:
+        started = time.perf_counter()
+        model_name = req.model or ""
+        status = 500
+        seconds = 0.0
+        try:
+            model = self.registry.resolve(req.model, "asr")
+            model_name = model.name
+            language = normalize_language(req.language)
+            if not 0.0 <= req.temperature <= 1.0:
+                raise InvalidInput("temperature must be between 0 and 1", param="temperature")
+            if req.prompt is not None and len(req.prompt) > 2000:
+                raise InvalidInput("prompt is longer than 2000 characters", param="prompt")
+            await self._check_license("asr")
+            inline = len(req.audio) <= _INLINE_DECODE_BYTES and (
+                req.raw_sample_rate is not None or sniff_format(req.audio) == WAV
+            )
+            decoded = self._decode(req) if inline else await asyncio.to_thread(self._decode, req)
+            seconds = decoded.duration
+            metrics.AUDIO_SECONDS_IN.labels(req.surface, model.name).inc(seconds)
+            meta = asr_meta(
+                language=language,
+                word_timestamps=req.word_timestamps,
+                prompt=req.prompt or None,
+                temperature=req.temperature,
+            )
+            result = await self._call(model, meta, decoded.pcm16)
+            head = result.header
+            status = 200
+            return Transcript(
+                model=model.name,
+                text=str(head.get("text") or "").strip(),
+                language=head.get("language") or language,
+                duration=float(head.get("duration") or decoded.duration),
+                words=list(head.get("words") or []),
+                segments=list(head.get("segments") or []),
+                source_format=decoded.source_format,
+                source_sample_rate=decoded.source_sample_rate,
+                source_channels=decoded.source_channels,
+                file_size=len(req.audio),
+                processing_ms=(time.perf_counter() - started) * 1000,
+            )
+        except KubespeechError as exc:
+            status = exc.http_status
+            if isinstance(exc, DeadlineExceeded | NoWorkers) or exc.http_status >= 500:
+                metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
+            raise
+        finally:
+            self._record("asr", model_name, seconds, 0, status)
+
+    # -- text to speech -------------------------------------------------------------------------------
+
+    def _encode(self, pcm: bytes, src_rate: int, dst_rate: int, fmt: str) -> tuple[bytes, str]:
+        return encode_audio(resample_pcm16(pcm, src_rate, dst_rate), dst_rate, fmt)
+
+    async def synthesize(self, req: SynthesizeRequest) -> Speech:
+        model_name = req.model or ""
+        status = 500
+        chars = len(req.text)
+        out_seconds = 0.0
+        try:
+            model = self.registry.resolve(req.model, "tts")
+            model_name = model.name
+            if not req.text.strip():
+                raise EmptyInput("text is empty", param="text")
+            if chars > self.settings.limits.max_text_chars:
+                raise TextTooLong(
+                    f"text is {chars} characters long; the limit is {self.settings.limits.max_text_chars}",
+                    param="text",
+                    limit_chars=self.settings.limits.max_text_chars,
+                )
+            voice = self.registry.resolve_voice(model, req.voice)
+            language = normalize_language(req.language)
+            await self._check_license("tts")
+            metrics.CHARACTERS_IN.labels(req.surface, model.name).inc(chars)
+            meta = tts_meta(text=req.text, voice=voice, speed=req.speed, language=language)
+            result = await self._call(model, meta, b"")
+            src_rate = int(result.header.get("sample_rate") or model.sample_rate or 22050)
+            dst_rate = req.sample_rate or src_rate
+            pcm = result.body
+            if req.output_format in _INLINE_ENCODE_FORMATS and (src_rate == dst_rate or len(pcm) < 64 * 1024):
+                audio, content_type = self._encode(pcm, src_rate, dst_rate, req.output_format)
+            else:
+                audio, content_type = await asyncio.to_thread(
+                    self._encode, pcm, src_rate, dst_rate, req.output_format
+                )
+            out_seconds = len(pcm) / 2 / src_rate
+            metrics.AUDIO_SECONDS_OUT.labels(req.surface, model.name).inc(out_seconds)
+            status = 200
+            return Speech(
+                model=model.name,
+                voice=voice,
+                audio=audio,
+                content_type=content_type,
+                sample_rate=dst_rate,
+                duration=out_seconds,
+                output_format=req.output_format,
+            )
+        except KubespeechError as exc:
+            status = exc.http_status
+            if isinstance(exc, DeadlineExceeded | NoWorkers) or exc.http_status >= 500:
+                metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
+            raise
+        finally:
+            self._record("tts", model_name, out_seconds, chars, status)
