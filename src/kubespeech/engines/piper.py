@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MIN_SPEED = 0.5
 MAX_SPEED = 2.0
 DEFAULT_MAX_CHARS = 5000
+_WORD = re.compile(r"\w")
 # The bundled joe voice's config carries no gender; the voice is a man's (NabuCasa "joe" dataset).
 _KNOWN_GENDERS = {"joe": "male"}
 
@@ -325,6 +326,9 @@ class PiperEngine:
         text = request.text if isinstance(request.text, str) else ""
         if not text.strip():
             raise EmptyInput("text is empty")
+        if not _WORD.search(text):
+            # espeak turns bare punctuation into a second of noise; nothing here is meant to be heard.
+            raise EmptyInput("text has no words to speak")
         if len(text) > self.max_chars:
             raise TextTooLong(
                 f"text is {len(text)} characters; the limit is {self.max_chars}", max_chars=self.max_chars
