@@ -114,7 +114,8 @@ class NemoAsrEngine:
     ) -> None:
         if not model_path:
             raise InvalidInput(
-                "the nemo engine needs model_path: a local .nemo file (see `kubespeech model fetch`)"
+                "the nemo engine needs model_path: a local .nemo file or a directory holding one"
+                " (see `kubespeech model fetch`)"
             )
         if options:
             raise InvalidInput(f"unknown nemo ASR engine options: {', '.join(sorted(options))}")
@@ -135,6 +136,7 @@ class NemoAsrEngine:
         }
         self.sample_rate = 16000
         self.model: Any = None
+        self.model_file = self.model_path
         self.kind = "unknown"
         self.timestamps_supported = False
         self.load_seconds = 0.0
@@ -151,11 +153,9 @@ class NemoAsrEngine:
     def load(self) -> None:
         if self.model is not None:
             return
-        path = Path(self.model_path)
-        if not path.is_file():
-            raise EngineError(
-                f"NeMo model file not found: {path} (fetch it first with `kubespeech model fetch`)"
-            )
+        from kubespeech.models.nemo_files import resolve_model_file
+
+        path = resolve_model_file(self.model_path)
         started = time.perf_counter()
         import torch
 
@@ -167,6 +167,7 @@ class NemoAsrEngine:
         model = ASRModel.restore_from(str(path), map_location=torch.device(self.device))
         model.eval()
         self.model = model
+        self.model_file = str(path)
         self.kind = _model_kind(model)
         cfg = model.cfg
         self.sample_rate = int(cfg.get("sample_rate", None) or cfg.preprocessor.get("sample_rate", 16000))
@@ -381,8 +382,8 @@ class NemoAsrEngine:
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {
             "engine": self.name,
-            "model": Path(self.model_path).stem,
-            "model_path": self.model_path,
+            "model": Path(self.model_file).stem,
+            "model_path": self.model_file,
             "kind": self.kind,
             "device": self.device,
             "precision": self.precision,

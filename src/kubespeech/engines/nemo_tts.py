@@ -65,8 +65,9 @@ def _load_normalizer(language: str) -> Any:
 class NemoTtsEngine:
     """A NeMo spectrogram generator + vocoder pair behind the TtsEngine protocol.
 
-    ``model_path`` is the spectrogram generator (e.g. FastPitch); options (``KUBESPEECH_WORKER_ENGINE_OPTIONS``):
-    ``vocoder_path`` (required, e.g. HiFi-GAN), ``voices`` (speaker name -> speaker index, or a list of names
+    ``model_path`` is the spectrogram generator (e.g. FastPitch) or a directory holding it and its vocoder.
+    Options (``KUBESPEECH_WORKER_ENGINE_OPTIONS``): ``vocoder_path`` (e.g. HiFi-GAN; looked up in the model
+    directory when unset), ``voices`` (speaker name -> speaker index, or a list of names
     in index order), ``default_voice``, ``language``, ``precision`` (auto|fp32|fp16|bf16; autocast on CUDA),
     ``normalize_text`` (default true), ``max_text_chars``, ``output_sample_rate`` (resample the output),
     ``stream_max_chars`` and ``stream_batch`` (sentence chunks per batch after the first), ``warmup``.
@@ -94,16 +95,13 @@ class NemoTtsEngine:
     ) -> None:
         if not model_path:
             raise InvalidInput(
-                "the nemo TTS engine needs model_path: a spectrogram generator .nemo (e.g. FastPitch)"
-            )
-        if not vocoder_path:
-            raise InvalidInput(
-                "the nemo TTS engine needs the vocoder_path option: a vocoder .nemo (e.g. HiFi-GAN)"
+                "the nemo TTS engine needs model_path: a spectrogram generator .nemo (e.g. FastPitch) or a"
+                " directory holding it and its vocoder"
             )
         if options:
             raise InvalidInput(f"unknown nemo TTS engine options: {', '.join(sorted(options))}")
         self.model_path = str(model_path)
-        self.vocoder_path = str(vocoder_path)
+        self.vocoder_path = str(vocoder_path) if vocoder_path else None
         self.device = device or "cpu"
         self.voice_option = voices
         self.default_voice = default_voice
@@ -132,11 +130,12 @@ class NemoTtsEngine:
     def load(self) -> None:
         if self.spec_gen is not None:
             return
-        for label, path in (("spectrogram generator", self.model_path), ("vocoder", self.vocoder_path)):
-            if not Path(path).is_file():
-                raise EngineError(
-                    f"NeMo {label} file not found: {path} (fetch it with `kubespeech model fetch`)"
-                )
+        from kubespeech.models.nemo_files import resolve_model_file
+
+        # model_path may be a cache directory holding both files; the vocoder then comes from it too.
+        spec_file = resolve_model_file(self.model_path, vocoder=False)
+        vocoder_file = resolve_model_file(self.vocoder_path or self.model_path, vocoder=True)
+        self.model_path, self.vocoder_path = str(spec_file), str(vocoder_file)
         started = time.perf_counter()
         import torch
 
@@ -348,7 +347,7 @@ class NemoTtsEngine:
             "engine": self.name,
             "model": Path(self.model_path).stem,
             "model_path": self.model_path,
-            "vocoder": Path(self.vocoder_path).stem,
+            "vocoder": Path(self.vocoder_path).stem if self.vocoder_path else None,
             "device": self.device,
             "precision": self.precision,
             "sample_rate": self.sample_rate,
