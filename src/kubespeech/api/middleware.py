@@ -75,7 +75,9 @@ class ApiMiddleware:
             if message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", rid.encode()))
+                # Error responses rendered outside this middleware (the 500 path) carry it already.
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", rid.encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -118,9 +120,11 @@ class ApiMiddleware:
             status = status_holder[0]
             metrics.REQUESTS.labels(template, method, str(status)).inc()
             metrics.LATENCY.labels(template, method).observe(elapsed)
-            if log.isEnabledFor(logging.DEBUG) or status >= 500:
+            # 503 is the expected answer during cold starts and readiness checks, not a server fault.
+            fault = status >= 500 and status != 503
+            if fault or log.isEnabledFor(logging.DEBUG):
                 log.log(
-                    logging.WARNING if status >= 500 else logging.DEBUG,
+                    logging.WARNING if fault else logging.DEBUG,
                     "request",
                     extra={"request_id": rid, "method": method, "route": template, "status": status,
                            "ms": round(elapsed * 1000, 2)},

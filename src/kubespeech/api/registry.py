@@ -171,9 +171,14 @@ class ModelRegistry:
                 default=info.default,
                 configured=True,
             )
+        # With an operator-written models file, it alone says what is served (a shared Redis may hold
+        # other stacks' or retired pools' descriptions); without one, every publishing pool is served.
+        only_listed = self.settings.models_file is not None
         for name, desc in self._published.items():
             m = models.get(name)
             if m is None:
+                if only_listed:
+                    continue
                 m = models[name] = ModelInfo(name=name, task=str(desc["task"]))
             elif m.task != desc["task"]:
                 continue  # the operator's file wins over a mislabelled worker
