@@ -146,6 +146,7 @@ class LicenseProxy:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake_checkin = asyncio.Event()
         self._reload_requested = False
+        self._closing = False
         self._last_logged_state: str | None = None
         self.registry = CollectorRegistry()
         self._g_valid = Gauge(
@@ -193,7 +194,7 @@ class LicenseProxy:
         for path in self._watched_files():
             with contextlib.suppress(OSError):
                 self._file_mtimes[path] = path.stat().st_mtime
-        self.claims, self.token_error = None, None
+        previous = self.claims
         try:
             token, public_key = self._read_config()
             claims = verify_signature(token, public_key)
@@ -204,11 +205,13 @@ class LicenseProxy:
                     "(set KUBESPEECH_LICENSE_ALLOW_DEV_KEY=true only for testing).",
                 )
         except TokenError as exc:
-            self.token_error = exc
+            self.claims, self.token_error = None, exc
             log.error("license key rejected", extra={"reason": exc.reason})
             return
         changed = token != self.token
-        self.token, self.claims, self._public_key = token, claims, public_key
+        if previous is None or previous.lid != claims.lid:
+            self.shared = SharedState()  # the check-in history belongs to one license
+        self.token, self.claims, self.token_error, self._public_key = token, claims, None, public_key
         if changed:
             log.info(
                 "license key loaded",
@@ -267,7 +270,7 @@ class LicenseProxy:
     async def _watch_files(self) -> None:
         poll = self.settings.reload_poll_s
         next_poll = time.monotonic() + poll
-        while True:
+        while not self._closing:
             # Short sleeps so a SIGHUP is acted on promptly; the files are only stat()ed every poll.
             await asyncio.sleep(min(poll, 0.5))
             now = time.monotonic()
@@ -282,10 +285,11 @@ class LicenseProxy:
     # -- shared state ------------------------------------------------------------------------
 
     async def _pull_shared(self) -> None:
-        if self.claims is None:
+        claims = self.claims
+        if claims is None:
             return
         try:
-            raw = await self.redis.hgetall(self.keys.state(self.claims.lid))
+            raw = await self.redis.hgetall(self.keys.state(claims.lid))
         except (RedisError, OSError):
             self._set_store_ok(False)
             return
@@ -294,7 +298,7 @@ class LicenseProxy:
         mine = self.shared
         # Keep whichever is newer: this replica may have learnt something while Redis was down.
         self.shared = SharedState(
-            first_seen=min(x for x in (stored.first_seen, mine.first_seen, time.time()) if x > 0),
+            first_seen=min(x for x in (stored.first_seen, mine.first_seen, round(time.time(), 3)) if x > 0),
             last_ok=max(stored.last_ok, mine.last_ok),
             last_fail=max(stored.last_fail, mine.last_fail),
             last_error=stored.last_error if stored.last_fail >= mine.last_fail else mine.last_error,
@@ -306,7 +310,7 @@ class LicenseProxy:
         if stored.first_seen == 0 or stored.first_seen > self.shared.first_seen:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.hset(
-                    self.keys.state(self.claims.lid), "first_seen", f"{self.shared.first_seen:.3f}"
+                    self.keys.state(claims.lid), "first_seen", f"{self.shared.first_seen:.3f}"
                 )
 
     def _set_store_ok(self, ok: bool) -> None:
@@ -320,6 +324,7 @@ class LicenseProxy:
     async def _record_checkin(self, ok: bool, *, now: float, revoked: bool = False, detail: str = "") -> None:
         if self.claims is None:
             return
+        now = round(now, 3)  # what Redis stores, so replicas and restarts compute identical deadlines
         if ok:
             self.shared.last_ok = max(self.shared.last_ok, now)
             self.shared.revoked, self.shared.revoked_message = revoked, detail
@@ -458,20 +463,20 @@ class LicenseProxy:
 
     async def snapshot(self) -> dict[str, Any]:
         await self._pull_shared()
+        claims = self.claims  # a reload may swap it while this awaits Redis
         answer = self.evaluate()
-        if answer.get("usable") and self.claims is not None:
-            await self._add_daily_usage(answer)
+        if answer.get("usable") and claims is not None:
+            await self._add_daily_usage(answer, claims)
         return answer
 
-    async def _add_daily_usage(self, answer: dict[str, Any]) -> None:
-        assert self.claims is not None
+    async def _add_daily_usage(self, answer: dict[str, Any], claims: LicenseClaims) -> None:
         try:
             raw = await self.redis.get(self.keys.audio_seconds_day())
         except (RedisError, OSError):
             return
         used_h = float(raw or 0.0) / 3600.0
         answer["usage_today"] = {"audio_hours": round(used_h, 4)}
-        limit = self.claims.limits.audio_hours_per_day
+        limit = claims.limits.audio_hours_per_day
         answer["limits_exceeded"] = {}
         if limit is not None and used_h >= limit:
             answer["limits_exceeded"]["audio_hours_per_day"] = {
@@ -531,7 +536,7 @@ class LicenseProxy:
 
     async def _checkin_loop(self) -> None:
         interval = self.settings.checkin_interval_s
-        while True:
+        while not self._closing:
             ok = await self.checkin_once()
             # After a failure retry sooner, so service leaves grace soon after the upstream returns.
             delay = interval if ok else min(interval, max(1.0, interval / 4))
@@ -556,9 +561,9 @@ class LicenseProxy:
 
     async def upload_usage_once(self) -> int:
         """Send one batch upstream; returns the events acknowledged (raises UpstreamError on failure)."""
-        assert self.claims is not None
+        claims = self.claims
         url = self.upstream_url()
-        if url is None:
+        if claims is None or url is None:
             raise UpstreamError("no_upstream")
         stream = self.keys.usage_stream
         await self.redis.xtrim(stream, maxlen=self.settings.usage_max_events, approximate=False)
@@ -570,7 +575,7 @@ class LicenseProxy:
         sent = 0
         if events:
             try:
-                data = await self._post(f"{url}/v1/usage", {"license_id": self.claims.lid, "events": events})
+                data = await self._post(f"{url}/v1/usage", {"license_id": claims.lid, "events": events})
                 if not isinstance(data.get("accepted"), int):
                     raise UpstreamError("bad_response")
                 sent = len(events)
@@ -589,7 +594,7 @@ class LicenseProxy:
     async def _usage_loop(self) -> None:
         s = self.settings
         failures = 0
-        while True:
+        while not self._closing:
             delay = s.usage_interval_s
             try:
                 if (
@@ -638,11 +643,13 @@ class LicenseProxy:
         ]
 
     async def aclose(self) -> None:
+        # The flag ends the loops even if a client library swallows the cancellation (redis-py can,
+        # when it lands mid-command).
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks = []
         await self._http.aclose()
 
