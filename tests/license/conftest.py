@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
 from kubespeech.license.proxy import LicenseProxy, create_proxy_app
@@ -124,6 +125,7 @@ class Upstream:
     served: Served
     server: LicenseServer
     requests: list[str] = field(default_factory=list)
+    lose_usage_acks: int = 0  # store the next N usage batches but answer 500, as if the reply were lost
 
     @property
     def url(self) -> str:
@@ -169,7 +171,11 @@ async def upstream(vendor: Vendor) -> AsyncIterator[Upstream]:
     @app.middleware("http")
     async def count(request: Any, call_next: Any) -> Any:
         up.requests.append(request.url.path)
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path == "/v1/usage" and up.lose_usage_acks > 0:
+            up.lose_usage_acks -= 1
+            return JSONResponse({"detail": "reply lost"}, status_code=500)
+        return response
 
     await up.served.start()
     yield up
