@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faster_whisper.vad import get_vad_model
 
 from kubespeech.engines.base import AsrEngine, AsrRequest, AsrResult, Audio
 from kubespeech.engines.registry import EngineSpec, load_engine
-from kubespeech.engines.whisper import WhisperEngine, default_model_path
+from kubespeech.engines.whisper import StreamingVad, WhisperEngine, default_model_path
 from kubespeech.errors import EmptyInput, EngineError, InvalidInput, UnknownModel
 from tests.engines.conftest import SENTENCES, normalize, wer
 
@@ -84,15 +86,16 @@ def test_bad_items_fail_alone(whisper: WhisperEngine, spoken: list[Audio]) -> No
             AsrRequest(audio=np.zeros((2, RATE), dtype=np.float32)),  # stereo
             AsrRequest(audio=(spoken[1] * 32767).astype(np.int16)),  # not float samples
             AsrRequest(audio=spoken[1], language="fr"),  # tiny.en speaks English only
+            AsrRequest(audio=spoken[1], temperature=-1.0),
             AsrRequest(audio=spoken[1], language="en-US"),
         ]
     )
-    assert len(results) == 8
+    assert len(results) == 9
     first, last = results[0], results[-1]
     assert isinstance(first, AsrResult) and wer([SENTENCES[0]], [first.text]) <= 0.15
     assert isinstance(last, AsrResult) and wer([SENTENCES[1]], [last.text]) <= 0.15
     assert isinstance(results[1], EmptyInput)
-    for bad in results[2:7]:
+    for bad in results[2:8]:
         assert isinstance(bad, InvalidInput), bad
     assert "NaN" in str(results[2]) and "short" in str(results[3]) and "mono" in str(results[4])
 
@@ -140,6 +143,33 @@ def test_stream_partials_then_final(whisper: WhisperEngine, spoken: list[Audio])
     assert wer([SENTENCES[3]], [finals[0].text]) <= 0.15
     with pytest.raises(InvalidInput):
         stream.accept(spoken[3])
+
+
+def test_stream_cuts_overlong_speech(whisper: WhisperEngine, spoken: list[Audio]) -> None:
+    # Three sentences back to back (no pauses long enough to end an utterance), 4 s window limit.
+    speech = np.concatenate(spoken[:3])
+    stream = whisper.open_stream(partial_interval_s=None, max_utterance_s=4.0)
+    finals: list[AsrResult] = []
+    for i in range(0, len(speech), RATE // 5):
+        finals += stream.accept(speech[i : i + RATE // 5])
+    finals += stream.finish()
+    assert len(finals) >= 3
+    assert all(b.segments[0].start >= a.segments[-1].start for a, b in itertools.pairwise(finals))
+    score = wer([" ".join(SENTENCES[:3])], [" ".join(f.text for f in finals)])
+    print(
+        f"\nstream over {len(speech) / RATE:.1f} s without pauses, cut into {len(finals)} finals: WER {score:.1%}"
+    )
+    assert score <= 0.25  # a hard cut can split a word; most text must survive
+
+
+def test_streaming_vad_matches_one_shot_vad(spoken: list[Audio]) -> None:
+    audio = np.concatenate(spoken[:2])
+    audio = audio[: len(audio) // 512 * 512]
+    one_shot = np.asarray(get_vad_model()(audio)).reshape(-1)
+    vad = StreamingVad()
+    pieces = [vad(audio[i : i + 3000]) for i in range(0, len(audio), 3000)]  # not window-aligned
+    np.testing.assert_allclose(np.concatenate(pieces), one_shot, atol=1e-5)
+    assert one_shot.max() > 0.9 and one_shot.min() < 0.1  # it does tell speech from pauses
 
 
 def test_model_dir_by_path_and_registry_factory(tmp_path: Path, spoken: list[Audio]) -> None:
