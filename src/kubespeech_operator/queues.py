@@ -1,0 +1,110 @@
+"""Read each pool's queue depth from a stack's Redis for the status, within a small time budget.
+
+The operator may not reach Redis (it runs outside the cluster, or a NetworkPolicy is stricter than the
+chart's): then depths stay 0, the status says so, and Redis is not retried for a while, so a status
+refresh never waits on an unreachable server every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from kubespeech.config import RedisSettings
+from kubespeech.jobs import Keys, queue_depth
+from kubespeech.redis_client import connect
+from kubespeech_operator.builders.common import REDIS_PORT
+from kubespeech_operator.kube import ApiError, KubeClient, Resource
+from kubespeech_operator.models import SpeechDeploymentSpec
+
+logger = logging.getLogger(__name__)
+
+SECRETS = Resource("v1", "secrets")
+UNREACHABLE_NOTE = "queue depth unknown: the operator cannot reach this stack's Redis"
+
+
+@dataclass
+class _Connection:
+    url: str
+    password: str | None
+    client: Redis
+    retry_after: float = 0.0
+
+
+class QueueDepthReader:
+    """Queue depths per model name, one cached Redis client per SpeechDeployment."""
+
+    def __init__(
+        self, kube: KubeClient, *, timeout_s: float = 1.0, retry_unreachable_s: float = 60.0
+    ) -> None:
+        self.kube = kube
+        self.timeout_s = timeout_s
+        self.retry_unreachable_s = retry_unreachable_s
+        self._connections: dict[tuple[str, str], _Connection] = {}
+
+    async def _password(self, namespace: str, spec: SpeechDeploymentSpec, embedded: str | None) -> str | None:
+        if spec.redis.mode == "embedded":
+            return embedded
+        ref = spec.redis.external.password_secret_ref if spec.redis.external else None
+        if ref is None:
+            return None
+        secret = await self.kube.get(SECRETS, namespace, ref.name)
+        value = ((secret or {}).get("data") or {}).get(ref.key)
+        return base64.b64decode(value).decode() if value else None
+
+    def _url(self, name: str, namespace: str, spec: SpeechDeploymentSpec) -> str:
+        if spec.redis.mode == "external" and spec.redis.external is not None:
+            return spec.redis.external.url
+        return f"redis://{name}-redis.{namespace}.svc:{REDIS_PORT}/0"
+
+    async def depths(
+        self, name: str, namespace: str, spec: SpeechDeploymentSpec, *, embedded_password: str | None = None
+    ) -> tuple[dict[str, int], str | None]:
+        """Waiting + in-flight jobs per model name, and a note when they could not be read."""
+        models = sorted({pool.queue_name for _, pool in spec.pools()})
+        key = (namespace, name)
+        url = self._url(name, namespace, spec)
+        try:
+            password = await self._password(namespace, spec, embedded_password)
+        except ApiError as exc:
+            return {}, f"queue depth unknown: cannot read the Redis password Secret ({exc.status})"
+        connection = self._connections.get(key)
+        if connection is None or (connection.url, connection.password) != (url, password):
+            if connection is not None:
+                await connection.client.aclose()
+            # Every field given explicitly: the operator's own environment must not leak into it.
+            settings = RedisSettings(
+                url=url, password=password, password_file=None, key_prefix=spec.redis.key_prefix
+            )
+            connection = _Connection(url, password, connect(settings, max_connections=2))
+            self._connections[key] = connection
+        if time.monotonic() < connection.retry_after:
+            return {}, UNREACHABLE_NOTE
+        keys = Keys(spec.redis.key_prefix)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                depths = {}
+                for model in models:
+                    depth = await queue_depth(connection.client, keys, model)
+                    depths[model] = depth.waiting + depth.in_flight
+                return depths, None
+        except Exception as exc:  # any Redis failure only means "depth unknown"
+            logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
+            connection.retry_after = time.monotonic() + self.retry_unreachable_s
+            return {}, UNREACHABLE_NOTE
+
+    async def forget(self, namespace: str, name: str) -> None:
+        connection = self._connections.pop((namespace, name), None)
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.client.aclose()
+
+    async def aclose(self) -> None:
+        for namespace, name in list(self._connections):
+            await self.forget(namespace, name)
