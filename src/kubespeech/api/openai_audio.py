@@ -65,11 +65,18 @@ class VoiceRef(BaseModel):
 
 
 class SpeechBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON false is not a number and "1" is not a rate (no silent coercion of client mistakes)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str = Field(max_length=128, description="TTS model or alias (tts-1, tts-1-hd, gpt-4o-mini-tts).")
-    input: str = Field(description="The text to speak.")
-    voice: str | VoiceRef = Field(description='Voice id or alias (alloy, echo, ...), or {"id": ...}.')
+    model: str = Field(
+        max_length=128,
+        description="TTS model or alias (tts-1, tts-1-hd, gpt-4o-mini-tts).",
+        examples=["tts-1"],
+    )
+    input: str = Field(description="The text to speak.", examples=["Hello from kubespeech."])
+    voice: str | VoiceRef = Field(
+        description='Voice id or alias (alloy, echo, ...), or {"id": ...}.', examples=["alloy"]
+    )
     instructions: str | None = Field(None, max_length=4096, description="Accepted and ignored.")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
@@ -167,7 +174,9 @@ async def create_transcription(
     request: Request,
     service: Service,
     file: Annotated[UploadFile, File(description="The audio file; its format is detected from the content.")],
-    model: Annotated[str, Form(max_length=128, description="ASR model or alias (whisper-1, ...).")],
+    model: Annotated[
+        str, Form(max_length=128, description="ASR model or alias (whisper-1, ...).", examples=["whisper-1"])
+    ],
     language: Annotated[str | None, Form(max_length=35)] = None,
     prompt: Annotated[str | None, Form(max_length=2000)] = None,
     response_format: Annotated[Literal["json", "text", "srt", "verbose_json", "vtt"], Form()] = "json",
@@ -266,7 +275,9 @@ async def list_models(state: State) -> Response:
         **error_responses(OpenAIError, 401, 404),
     },
 )
-async def get_model(state: State, model: Annotated[str, Path(max_length=256)]) -> Response:
+async def get_model(
+    state: State, model: Annotated[str, Path(max_length=256, examples=["whisper-1"])]
+) -> Response:
     for entry in _model_entries(state):
         if entry["id"] == model:
             return json_response(entry)

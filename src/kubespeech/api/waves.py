@@ -88,11 +88,16 @@ class WavesTranscription(BaseModel):
 class WavesTtsRequest(BaseModel):
     """Body of ``POST /waves/v1/tts`` (and the legacy ``get_speech`` routes)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON false is not a number and "1" is not a rate (no silent coercion of client mistakes)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    text: str = Field(description="The text to speak.")
-    voice_id: str | None = Field(None, description="Voice id; the model's default voice when omitted.")
-    model: str | None = Field(None, description="TTS model; the deployment's default when omitted.")
+    text: str = Field(description="The text to speak.", examples=["Hello from kubespeech."])
+    voice_id: str | None = Field(
+        None, description="Voice id; the model's default voice when omitted.", examples=["emily"]
+    )
+    model: str | None = Field(
+        None, description="TTS model; the deployment's default when omitted.", examples=["lightning_v3.1"]
+    )
     sample_rate: Literal[8000, 16000, 22050, 24000, 44100, 48000] | None = Field(
         None, description="Output sample rate; the model's native rate when omitted."
     )
@@ -320,10 +325,11 @@ async def waves_stt(
     request: Request,
     service: Service,
     model: Annotated[
-        str | None, Query(max_length=128, description="ASR model or alias (pulse, pulse-pro).")
+        str | None,
+        Query(max_length=128, description="ASR model or alias (pulse, pulse-pro).", examples=["pulse"]),
     ] = None,
     language: Annotated[
-        str | None, Query(max_length=35, description="Language code, or multi-* / auto.")
+        str | None, Query(max_length=35, description="Language code, or multi-* / auto.", examples=["en"])
     ] = None,
     word_timestamps: Bool = False,
     diarize: Annotated[bool, Query(description="Accepted; reported as unsupported in metadata.")] = False,
@@ -429,7 +435,10 @@ def voices_body(state: Any, model_name: str | None) -> dict[str, Any]:
 )
 async def waves_get_voices(
     state: State,
-    model: Annotated[str, Path(max_length=128, description="TTS model or alias (lightning-v3.1).")],
+    model: Annotated[
+        str,
+        Path(max_length=128, description="TTS model or alias (lightning-v3.1).", examples=["lightning-v3.1"]),
+    ],
 ) -> Response:
     return json_response(voices_body(state, model))
 
