@@ -225,7 +225,10 @@ def verify_signature(token: str, public_key: Ed25519PublicKey) -> LicenseClaims:
         except TokenError:
             kid = None
         if kid is not None and kid != key_id(public_key):
-            raise TokenError("wrong_key", "The license key was signed by a different vendor key.") from exc
+            raise TokenError(
+                "wrong_key",
+                "The license key does not verify with this vendor public key (it names another key).",
+            ) from exc
         raise TokenError("bad_signature", "The license key's signature does not match its content.") from exc
     return _parse_claims(payload)
 
