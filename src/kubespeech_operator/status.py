@@ -290,7 +290,7 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
     }
     if observed.queue_note:
         for entry in pool_status:
-            entry.setdefault("message", observed.queue_note)
+            entry["message"] = "; ".join(m for m in (entry.get("message"), observed.queue_note) if m)
     if generation is not None:
         result["observedGeneration"] = generation
     return result

@@ -9,9 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from kubespeech.jobs import JobClient
 from kubespeech_operator.builders import build_children
 from kubespeech_operator.models import parse_spec
+from tests.conftest import RedisServer, free_port
 from tests.operator.conftest import Cluster, RunningOperator
 from tests.operator.kmock_cluster import (
     SD_PATH,
@@ -251,7 +254,7 @@ async def test_status_reports_unschedulable_pods_then_ready(
         )
     )
     pool = next(p for p in sd(cluster, "st")["status"]["pools"] if p["task"] == "asr")
-    assert pool["message"] == degraded["message"]
+    assert pool["message"].startswith(degraded["message"])
 
     # Everything becomes ready: the pod is gone, workloads report ready replicas.
     await cluster.api.delete(f"/api/v1/namespaces/{NS}/pods/st-asr-cpu-abc")
@@ -305,3 +308,45 @@ async def test_liveness_endpoint_answers(operator: RunningOperator) -> None:
 
 def test_sd_resource_matches_crd_names() -> None:
     assert SD_RESOURCE == "kubespeech.io/v1alpha1/speechdeployments"
+
+
+async def test_queue_depth_is_read_from_the_stacks_redis(
+    cluster: Cluster, operator: RunningOperator, redis_server: RedisServer
+) -> None:
+    redis_server.flush()
+    spec = cpu_spec(redis={"mode": "external", "external": {"url": redis_server.url}})
+    await create_license(cluster)
+    await create_sd(cluster, "q", spec)
+    await wait_for(lambda: condition(sd(cluster, "q"), "Ready"), what="status")
+    assert not [k for k, _ in stored_children(cluster.api, NS) if k == "StatefulSet"]  # no embedded Redis
+
+    client = Redis.from_url(redis_server.url)
+    try:
+        jobs = JobClient(client)
+        for _ in range(3):
+            await jobs.submit("whisper-tiny", {"kind": "noop"}, b"x")
+        await jobs.submit("joe", {"kind": "noop"}, b"y")
+
+        def depths() -> Any:
+            status = sd(cluster, "q")["status"]
+            pools = {p["modelName"]: p["queueDepth"] for p in status["pools"]}
+            return pools == {"whisper-tiny": 3, "joe": 1} and status["queueDepth"] == 4
+
+        await wait_for(depths, what="queue depths in the status")
+    finally:
+        await client.aclose()
+
+
+async def test_queue_depth_unknown_when_redis_is_unreachable(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    spec = cpu_spec(redis={"mode": "external", "external": {"url": f"redis://127.0.0.1:{free_port()}/0"}})
+    await create_license(cluster)
+    await create_sd(cluster, "noq", spec)
+    obj = await wait_for(
+        lambda: (o := sd(cluster, "noq")) and o.get("status", {}).get("pools") and o, what="status"
+    )
+    assert obj["status"]["queueDepth"] == 0
+    assert all(
+        "queue depth unknown" in p["message"] or "pods ready" in p["message"] for p in obj["status"]["pools"]
+    )
