@@ -341,7 +341,7 @@ class ApiSpec(KubeModel):
     resources: ResourceRequirements | None = None
     """Requests/limits; 500m-2 CPU and 512Mi-2Gi memory when unset."""
     api_keys_secret_ref: SecretRef
-    """Secret key holding the API keys clients send as `Authorization: Bearer` (one per line)."""
+    """Secret key holding the API keys clients send as `Authorization: Bearer`: one per line, plain or sha256:<hex>; reloaded live."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     """The Service in front of the API server."""
     ingress: IngressSpec = Field(default_factory=IngressSpec)
@@ -686,7 +686,8 @@ def _one_default(pools: list[Any]) -> list[Any]:
 
 
 _ONE_DEFAULT_RULE = cel(
-    "self.pools.filter(p, has(p.default) && p.default).size() <= 1", "at most one pool may be the default"
+    "!has(self.pools) || self.pools.filter(p, has(p.default) && p.default).size() <= 1",
+    "at most one pool may be the default",
 )
 
 
@@ -698,7 +699,11 @@ class AsrSpec(KubeModel):
     pools: list[AsrPoolSpec] = Field(
         default_factory=list,
         max_length=MAX_POOLS,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra={
+            "default": [],
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
     )
     """ASR worker pools (names unique)."""
 
@@ -714,7 +719,11 @@ class TtsSpec(KubeModel):
     pools: list[TtsPoolSpec] = Field(
         default_factory=list,
         max_length=MAX_POOLS,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra={
+            "default": [],
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
     )
     """TTS worker pools (names unique)."""
 
@@ -802,11 +811,11 @@ class ImagesSpec(KubeModel):
 class SecurityContextSpec(KubeModel):
     """Overrides of the pods' security context (non-root, no capabilities and RuntimeDefault seccomp always)."""
 
-    run_as_user: int = Field(10001, ge=1, le=2147483647)
+    run_as_user: int = Field(65532, ge=1, le=2147483647)
     """UID the containers run as (never root)."""
-    run_as_group: int = Field(10001, ge=0, le=2147483647)
+    run_as_group: int = Field(65532, ge=0, le=2147483647)
     """GID the containers run as."""
-    fs_group: int = Field(10001, ge=0, le=2147483647)
+    fs_group: int = Field(65532, ge=0, le=2147483647)
     """Group owning mounted volumes (the model cache and Redis data)."""
     read_only_root_filesystem: bool = True
     """Mount the image read-only (/tmp is an emptyDir)."""
@@ -963,7 +972,9 @@ def _loc_to_path(loc: tuple[int | str, ...], root: str) -> str:
 
 # Validators name a sub-field by starting their message with it ("gpu.count: ..."), since pydantic places
 # model-validator errors on the model itself.
-_SUBPATH_RE = re.compile(r"^((?:\[\d+\])?[A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.+)$", re.DOTALL)
+_SUBPATH_RE = re.compile(
+    r"^((?:\[\d+\]\.)?[A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.+)$", re.DOTALL
+)
 
 
 def spec_error_from_validation(exc: ValidationError, root: str = "spec") -> SpecError:

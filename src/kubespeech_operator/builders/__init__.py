@@ -17,7 +17,6 @@ from kubespeech_operator.builders.api import (
     models_file_entries,
 )
 from kubespeech_operator.builders.common import (
-    CONFIG_HASH_ANNOTATION,
     INPUT_HASH_ANNOTATION,
     Context,
     Manifest,
@@ -52,7 +51,6 @@ from kubespeech_operator.models import SpeechDeploymentSpec, validate_name
 
 __all__ = [
     "CHILD_KINDS",
-    "CONFIG_HASH_ANNOTATION",
     "INPUT_HASH_ANNOTATION",
     "Manifest",
     "build_children",

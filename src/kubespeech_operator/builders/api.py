@@ -8,7 +8,6 @@ from typing import Any
 from kubespeech_operator.builders.common import (
     API_PORT,
     CONFIG_DIR,
-    CONFIG_HASH_ANNOTATION,
     LICENSE_PROXY_PORT,
     SECRETS_DIR,
     Context,
@@ -21,7 +20,6 @@ from kubespeech_operator.builders.common import (
     redis_env_and_mounts,
     resources,
     selector_labels,
-    stable_hash,
     tmp_volume,
 )
 
@@ -142,11 +140,9 @@ def build_api_deployment(ctx: Context) -> Manifest:
             "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
-                "metadata": {
-                    "labels": metadata(ctx, ctx.api_name, COMPONENT)["labels"],
-                    # The models file is read at start: roll the pods when it changes.
-                    "annotations": {CONFIG_HASH_ANNOTATION: stable_hash(config_data(ctx))},
-                },
+                # No config hash here: the API server reloads the models and keys files when they change,
+                # and a rollout would cut every WebSocket session.
+                "metadata": {"labels": metadata(ctx, ctx.api_name, COMPONENT)["labels"]},
                 "spec": pod_spec,
             },
         },

@@ -16,7 +16,6 @@ Manifest = dict[str, Any]
 PART_OF = "kubespeech"
 MANAGED_BY = "kubespeech-operator"
 INPUT_HASH_ANNOTATION = "kubespeech.io/input-hash"
-CONFIG_HASH_ANNOTATION = "kubespeech.io/config-hash"
 POOL_LABEL = "kubespeech.io/pool"
 TASK_LABEL = "kubespeech.io/task"
 
@@ -117,12 +116,14 @@ def selector_labels(ctx: Context, component: str, pool: str | None = None) -> di
 
 
 def labels(ctx: Context, component: str, pool: str | None = None, task: str | None = None) -> dict[str, str]:
-    result = selector_labels(ctx, component, pool)
+    result = selector_labels(ctx, component)
     result["app.kubernetes.io/part-of"] = PART_OF
     result["app.kubernetes.io/managed-by"] = MANAGED_BY
     result["app.kubernetes.io/version"] = image_tag(ctx.spec)
     if task is not None:
         result[TASK_LABEL] = task
+    if pool is not None:
+        result[POOL_LABEL] = pool
     return result
 
 

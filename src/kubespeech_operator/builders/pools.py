@@ -216,6 +216,11 @@ def build_pool_deployment(ctx: Context, task: str, pool: PoolSpec, replicas: int
         )
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR, "readOnly": True})
 
+    if pool.engine == "nemo":  # type: ignore[attr-defined]
+        # PyTorch uses /dev/shm between threads and for pinned memory; the container default is 64 MiB.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
     gpu = {pool.gpu.resource_name: pool.gpu.count} if pool.gpu is not None and pool.gpu.count > 0 else {}
     probe_period = 10
     container = {
