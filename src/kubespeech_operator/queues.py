@@ -66,7 +66,7 @@ class QueueDepthReader:
     async def depths(
         self, name: str, namespace: str, spec: SpeechDeploymentSpec, *, embedded_password: str | None = None
     ) -> tuple[dict[str, int], str | None]:
-        """Waiting + in-flight jobs per model name, and a note when they could not be read."""
+        """Jobs waiting (not yet taken by a worker) per model name, and a note when they could not be read."""
         models = sorted({pool.queue_name for _, pool in spec.pools()})
         key = (namespace, name)
         url = self._url(name, namespace, spec)
@@ -92,7 +92,7 @@ class QueueDepthReader:
                 depths = {}
                 for model in models:
                     depth = await queue_depth(connection.client, keys, model)
-                    depths[model] = depth.waiting + depth.in_flight
+                    depths[model] = depth.waiting
                 return depths, None
         except Exception as exc:  # any Redis failure only means "depth unknown"
             logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
