@@ -244,7 +244,9 @@ class PiperEngine:
         for speaker, speaker_id in sorted(config.speaker_id_map.items(), key=lambda kv: kv[1]):
             loaded.append(
                 _LoadedVoice(
-                    VoiceInfo(id=f"{voice_id}:{speaker}", name=f"{display} ({speaker})", language=language),
+                    VoiceInfo(
+                        id=f"{voice_id}:{speaker}".lower(), name=f"{display} ({speaker})", language=language
+                    ),
                     voice,
                     int(speaker_id),
                     config.sample_rate,
