@@ -740,6 +740,9 @@ class ModelCacheSpec(KubeModel):
     """Size of the cache volume."""
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = "ReadWriteOnce"
     """ReadWriteMany lets pools on several nodes share the cache; ReadWriteOnce only works on one node."""
+    env: list[EnvVar] | None = Field(None, max_length=32)
+    """Extra environment variables for the model-fetch Jobs, e.g. HF_TOKEN, NGC_API_KEY or AWS credentials
+    taken from a Secret with valueFrom.secretKeyRef."""
 
 
 class ServiceMonitorSpec(KubeModel):

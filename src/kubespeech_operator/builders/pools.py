@@ -112,7 +112,11 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
         "image": model.image,
         "imagePullPolicy": ctx.spec.images.pull_policy,
         "command": args,
-        "env": [env("KUBESPEECH_LOG_LEVEL", ctx.spec.log_level), env("HOME", "/tmp")],
+        "env": [
+            env("KUBESPEECH_LOG_LEVEL", ctx.spec.log_level),
+            env("HOME", "/tmp"),
+            *(item.model_dump(by_alias=True, exclude_none=True) for item in ctx.spec.model_cache.env or []),
+        ],
         "resources": resources(None, "model-fetch"),
         "securityContext": container_security_context(ctx.spec),
         "volumeMounts": [tmp_mount, {"name": "model-cache", "mountPath": MODEL_CACHE_DIR}],
@@ -120,7 +124,8 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
     pod_spec = pod_spec_base(ctx, ctx.model_fetch_service_account)
     pod_spec.update(
         {
-            "restartPolicy": "OnFailure",
+            # Never, so that podFailurePolicy can tell a bad source from a network failure.
+            "restartPolicy": "Never",
             "containers": [container],
             "volumes": [
                 tmp,
@@ -137,6 +142,19 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
         "metadata": meta,
         "spec": {
             "backoffLimit": 6,
+            # `kubespeech model fetch` exits 2 (bad source), 3 (not found), 4 (access denied) or 5 (checksum
+            # mismatch) when retrying cannot help: fail the Job at once so the status says why.
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "fetch", "operator": "In", "values": [2, 3, 4, 5]},
+                        # Required (possibly empty) in the Kubernetes 1.28 schema.
+                        "onPodConditions": [],
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
         },
     }
