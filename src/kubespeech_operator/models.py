@@ -794,7 +794,7 @@ class ImagesSpec(KubeModel):
         "ghcr.io/kubespeech", min_length=1, max_length=255, pattern=r"^[^\s:@]+(:[0-9]+)?(/[^\s:@]+)*$"
     )
     """Registry and path prefix of the kubespeech images (api-server, asr-worker, tts-worker, license-proxy)."""
-    tag: str | None = Field(None, pattern=IMAGE_TAG_PATTERN)
+    tag: str | None = Field(None, pattern=IMAGE_TAG_PATTERN, max_length=128)
     """Image tag; the operator's own version when unset (latest is refused)."""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """Image pull policy."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,22 @@ def test_schema_is_structural_and_documented() -> None:
     assert undocumented == [], "kubectl explain needs a description on every field"
 
 
+def test_strings_used_by_cel_rules_are_bounded() -> None:
+    """The API server estimates each rule's cost from maxLength/maxItems; unbounded ones exceed the budget."""
+    unbounded = []
+    for path, node in _walk(openapi()):
+        rules = " ".join(rule["rule"] for rule in node.get("x-kubernetes-validations", []))
+        rules = re.sub(r"has\(self\.\w+\)", "", rules)  # a presence test costs the same for any length
+        for name, child in node.get("properties", {}).items():
+            if f"self.{name}" not in rules:
+                continue
+            if child.get("type") == "string" and "maxLength" not in child:
+                unbounded.append(f"{path}.{name}")
+            if child.get("type") == "array" and "maxItems" not in child:
+                unbounded.append(f"{path}.{name}")
+    assert unbounded == []
+
+
 def test_preserve_unknown_fields_only_where_unavoidable() -> None:
     free = sorted(path for path, node in _walk(openapi()) if node.get("x-kubernetes-preserve-unknown-fields"))
     assert [path.split(".")[-1] for path in free] == ["affinity", "engineOptions", "labelSelector"] * 2
@@ -106,16 +123,22 @@ def test_preserve_unknown_fields_only_where_unavoidable() -> None:
 # --- an admission emulator: defaulting, schema (strict: unknown fields rejected), list maps, CEL rules ----
 
 
-def _strict(node: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown fields as the API server does with field validation Strict (kubectl's default)."""
+def _strict(node: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Reject unknown fields as the API server does with field validation Strict (kubectl's default).
+
+    Not in metadata: the CRD schema restricts only its name, the rest is ObjectMeta.
+    """
     node = dict(node)
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields") and path != ".metadata":
         node["additionalProperties"] = False
-        node["properties"] = {name: _strict(child) for name, child in node["properties"].items()}
+    if "properties" in node:
+        node["properties"] = {
+            name: _strict(child, f"{path}.{name}") for name, child in node["properties"].items()
+        }
     if isinstance(node.get("additionalProperties"), dict):
-        node["additionalProperties"] = _strict(node["additionalProperties"])
+        node["additionalProperties"] = _strict(node["additionalProperties"], f"{path}.*")
     if "items" in node:
-        node["items"] = _strict(node["items"])
+        node["items"] = _strict(node["items"], f"{path}[]")
     return node
 
 

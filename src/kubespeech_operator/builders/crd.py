@@ -20,7 +20,6 @@ from kubespeech_operator.models import (
     MAX_NAME_LENGTH,
     SpeechDeploymentSpec,
     SpeechDeploymentStatus,
-    cel,
 )
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -75,6 +74,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cannot express a union in a structural schema: {node}")
         return _structural({**_resolve(members[0], defs), **outer}, defs)
     result = {k: copy.deepcopy(v) for k, v in node.items() if k in _KEPT}
+    if result.get("enum") and "maxLength" not in result and all(isinstance(v, str) for v in result["enum"]):
+        # Bounds the CEL cost estimate of rules comparing this field (an unbounded string is costed at the
+        # request size limit, and the sum over all pools must stay within the CRD's budget).
+        result["maxLength"] = max(len(value) for value in result["enum"])
     if "description" in result:
         # Docstrings wrap lines; kubectl explain re-wraps text itself.
         result["description"] = " ".join(result["description"].split())
@@ -127,20 +130,23 @@ def openapi_schema() -> dict[str, Any]:
                 "description": "APIVersion of this object: kubespeech.io/v1alpha1.",
             },
             "kind": {"type": "string", "description": "Kind of this object: SpeechDeployment."},
-            "metadata": {"type": "object"},
+            # Kubernetes lets a CRD restrict only metadata.name (and generateName) here; a schema limit rather
+            # than a CEL rule, whose estimated cost on an unbounded name exceeds the budget on older servers.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "description": "Name of the stack; children are named <name>-<component>, so a DNS label "
+                        f"of at most {MAX_NAME_LENGTH} characters.",
+                        "maxLength": MAX_NAME_LENGTH,
+                        "pattern": DNS_LABEL_PATTERN,
+                    }
+                },
+            },
             "spec": _schema_of(SpeechDeploymentSpec),
             "status": _schema_of(SpeechDeploymentStatus),
         },
-        "x-kubernetes-validations": [
-            cel(
-                f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-                f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children are named after it)",
-            ),
-            cel(
-                f"self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
-                "metadata.name must be a DNS label: lowercase letters, digits and '-', starting with a letter",
-            ),
-        ],
     }
 
 
