@@ -94,6 +94,9 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
             "`Authorization: Bearer <api key>`."
         ),
         lifespan=lifespan,
+        # Prometheus metrics come from our own middleware; FastAPI's OpenTelemetry hooks cost a tracer
+        # lookup per request even with no exporter configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     install_error_handlers(app)
     app.add_middleware(

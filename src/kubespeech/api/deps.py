@@ -33,20 +33,23 @@ class AppState:
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token.")
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are async on purpose: FastAPI runs plain ``def`` dependencies in a thread pool, a
+# thread hop per request that cost more than the rest of the dependency work together.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.kubespeech
     return state
 
 
-def get_service(request: Request) -> SpeechService:
-    return get_state(request).service
+async def get_service(request: Request) -> SpeechService:
+    service: SpeechService = request.app.state.kubespeech.service
+    return service
 
 
 async def require_key(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Reject the request unless it carries a configured API key (401 in the surface's envelope)."""
-    get_state(request).keys.verify(request.headers.get("authorization"))
+    request.app.state.kubespeech.keys.verify(request.headers.get("authorization"))
 
 
 Service = Annotated[SpeechService, Depends(get_service)]

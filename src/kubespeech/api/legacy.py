@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
@@ -17,6 +18,8 @@ from kubespeech.api.waves import (
     WavesTtsRequest,
     health_body,
     json_response,
+    parse_query,
+    query_parameters,
     synthesize_waves,
     transcribe_raw,
 )
@@ -62,23 +65,29 @@ def _form_bool(value: Any, name: str) -> bool | None:
     raise InvalidInput(f"{name} must be true or false", param=name)
 
 
+class GetTextQuery(BaseModel):
+    """Query parameters of the legacy ``get_text`` route (form fields override them for multipart)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=128, description="ASR model or alias.")
+    language: str | None = Field(None, max_length=35, description="Language code.", examples=["en"])
+    word_timestamps: bool = False
+    sample_rate: int | None = Field(None, ge=1000, le=384000, description="Rate of raw PCM input.")
+    encoding: Literal["linear16", "pcm_s16le"] | None = Field(None, description="Set for headerless PCM.")
+    channels: int = Field(1, ge=1, le=8)
+
+
 @authed.post(
     "/api/v1/lightning/get_text",
     summary="Transcribe audio (legacy self-host route)",
     response_model=None,
     responses={200: {"model": WavesTranscription, "description": "The transcript."}, **STT_ERRORS},
-    openapi_extra=_GET_TEXT_BODY,
+    openapi_extra={"parameters": query_parameters(GetTextQuery), **_GET_TEXT_BODY},
 )
-async def legacy_get_text(
-    request: Request,
-    service: Service,
-    model: Annotated[str | None, Query(max_length=128)] = None,
-    language: Annotated[str | None, Query(max_length=35)] = None,
-    word_timestamps: Annotated[bool, Query()] = False,
-    sample_rate: Annotated[int | None, Query(ge=1000, le=384000)] = None,
-    encoding: Annotated[Literal["linear16", "pcm_s16le"] | None, Query()] = None,
-    channels: Annotated[int, Query(ge=1, le=8)] = 1,
-) -> Response:
+async def legacy_get_text(request: Request) -> Response:
+    q = parse_query(request, GetTextQuery)
+    model, language, word_timestamps = q.model, q.language, q.word_timestamps
     content_type = request.headers.get("content-type", "")
     if content_type.lower().startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=20)
@@ -102,8 +111,8 @@ async def legacy_get_text(
     else:
         audio = await request.body()
     return await transcribe_raw(
-        service, request, audio, model=model, language=language,
-        word_timestamps=word_timestamps, sample_rate=sample_rate, encoding=encoding, channels=channels,
+        request.app.state.kubespeech.service, request, audio, model=model, language=language,
+        word_timestamps=word_timestamps, sample_rate=q.sample_rate, encoding=q.encoding, channels=q.channels,
         unsupported=[], surface="legacy",
     )  # fmt: skip
 
