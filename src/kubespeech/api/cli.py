@@ -22,10 +22,12 @@ def register(app: typer.Typer) -> None:
         from pydantic import SecretStr
 
         from kubespeech.api.app import create_app
+        from kubespeech.api.middleware import install_request_id_logging
         from kubespeech.api.settings import ApiSettings
         from kubespeech.logging_setup import setup_logging
 
         setup_logging(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"))
+        install_request_id_logging()
         settings = ApiSettings()
         if host is not None:
             settings.host = host

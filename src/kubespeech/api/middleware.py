@@ -26,6 +26,24 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MULTIPART = b"multipart/"
 
 
+class RequestIdFilter(logging.Filter):
+    """Stamps records made while a request is served with its ``request_id`` (attach to handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            rid = request_id_var.get()
+            if rid != "-":
+                record.request_id = rid
+        return True
+
+
+def install_request_id_logging() -> None:
+    """Add the filter to the root logger's handlers (the API process's log output)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+
+
 class _BodyTooLarge(Exception):
     pass
 
