@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from kubespeech.license import token as tokens
+from kubespeech.license import constants
 
 license_app = typer.Typer(
     name="license", help="Vendor tooling for signed license keys.", no_args_is_help=True, add_completion=False
@@ -31,9 +31,9 @@ def _parse_limits(items: list[str]) -> dict[str, float | int]:
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in tokens.LIMIT_KEYS:
+        if not sep or key not in constants.LIMIT_KEYS:
             raise typer.BadParameter(
-                f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(tokens.LIMIT_KEYS)}",
+                f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(constants.LIMIT_KEYS)}",
                 param_hint="--limit",
             )
         try:
@@ -55,6 +55,8 @@ def keygen(
     force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
 ) -> None:
     """Create a vendor Ed25519 key pair for signing license keys."""
+    from kubespeech.license import token as tokens
+
     for path in (private_key, public_key):
         if path.exists() and not force:
             typer.echo(f"error: {path} exists (use --force to overwrite)", err=True)
@@ -79,7 +81,7 @@ def issue(
     features: Annotated[str, typer.Option(help="Comma-separated: asr,tts,streaming.")] = "asr,tts,streaming",
     limit: Annotated[
         list[str] | None,
-        typer.Option(help=f"KEY=VALUE, repeatable; keys: {', '.join(tokens.LIMIT_KEYS)}."),
+        typer.Option(help=f"KEY=VALUE, repeatable; keys: {', '.join(constants.LIMIT_KEYS)}."),
     ] = None,
     offline: Annotated[bool, typer.Option(help="Air-gapped: the proxy never calls out.")] = False,
     online: Annotated[
@@ -87,12 +89,14 @@ def issue(
     ] = False,
     grace_hours: Annotated[
         float, typer.Option(help="Service without a check-in for this long (default mode).")
-    ] = tokens.DEFAULT_GRACE_HOURS,
+    ] = constants.DEFAULT_GRACE_HOURS,
     upstream: Annotated[str | None, typer.Option(help="License server URL the proxy checks in with.")] = None,
     not_before: Annotated[str | None, typer.Option(help="First day of validity, YYYY-MM-DD.")] = None,
     license_id: Annotated[str | None, typer.Option(help="License id (generated when unset).")] = None,
 ) -> None:
     """Sign a license key and print it."""
+    from kubespeech.license import token as tokens
+
     if offline and online:
         raise typer.BadParameter("--offline and --online exclude each other")
     if grace_hours < 0:
@@ -132,9 +136,11 @@ def inspect(
     token: Annotated[str, typer.Argument(help="The license key ('-' reads it from stdin).")],
     clock_skew_s: Annotated[
         float, typer.Option(help="Tolerated clock difference.")
-    ] = tokens.DEFAULT_CLOCK_SKEW_S,
+    ] = constants.DEFAULT_CLOCK_SKEW_S,
 ) -> None:
     """Print a license key's claims; exit 0 only if it is validly signed and currently valid."""
+    from kubespeech.license import token as tokens
+
     if token == "-":
         token = sys.stdin.read()
     try:
@@ -250,6 +256,7 @@ def license_server(
     """Run the reference upstream license server (check-in, revocations, usage ingestion)."""
     import uvicorn
 
+    from kubespeech.license import token as tokens
     from kubespeech.license.server import LicenseServer, create_server_app
     from kubespeech.license.settings import ServerSettings
     from kubespeech.logging_setup import setup_logging

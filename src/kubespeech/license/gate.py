@@ -100,6 +100,7 @@ class LicenseGate:
         self._lock = asyncio.Lock()
         self._leases: set[str] = set()
         self._renew_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # -- the proxy's answer ------------------------------------------------------------------
 
@@ -254,7 +255,7 @@ class LicenseGate:
 
     async def _renew_leases(self) -> None:
         assert self._redis is not None
-        while self._leases:
+        while self._leases and not self._closed:
             await asyncio.sleep(self._lease_ttl_s / 3)
             expiry = time.time() + self._lease_ttl_s
             try:
@@ -280,10 +281,12 @@ class LicenseGate:
         return result
 
     async def aclose(self) -> None:
+        # The flag ends the renewer even if redis-py swallows the cancellation (it can turn one that lands
+        # mid-command into a timeout and retry).
+        self._closed = True
         if self._renew_task is not None:
             self._renew_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renew_task
+            await asyncio.wait([self._renew_task], timeout=5)
             self._renew_task = None
         for lease_id in list(self._leases):
             await self.release_stream(StreamLease(self, lease_id))

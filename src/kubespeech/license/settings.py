@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubespeech.license.token import DEFAULT_CLOCK_SKEW_S
+from kubespeech.license.constants import DEFAULT_CLOCK_SKEW_S
 from kubespeech.license.usage import DEFAULT_MAX_EVENTS
 
 

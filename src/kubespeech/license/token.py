@@ -21,11 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubespeech.license.constants import DEFAULT_CLOCK_SKEW_S, DEFAULT_GRACE_HOURS, FEATURES
+
 TOKEN_PREFIX = "ksl1"
-FEATURES = ("asr", "tts", "streaming")
-LIMIT_KEYS = ("max_concurrent_streams", "max_worker_replicas", "max_gpus", "audio_hours_per_day")
-DEFAULT_CLOCK_SKEW_S = 300.0
-DEFAULT_GRACE_HOURS = 24.0
 # Tokens are small; anything far larger is not a token and is refused before any decoding work.
 _MAX_TOKEN_CHARS = 8192
 
