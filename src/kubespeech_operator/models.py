@@ -460,6 +460,15 @@ class RedisSpec(KubeModel):
         return self
 
 
+class VocoderSpec(KubeModel):
+    """A NeMo vocoder (e.g. HiFi-GAN) fetched next to a TTS pool's spectrogram generator."""
+
+    source: str = Field(pattern=MODEL_SOURCE_PATTERN, max_length=2048)
+    """URI of the vocoder, in the same forms as model.source, e.g. ngc://nvidia/nemo/tts_hifigan:1.0.0rc1."""
+    sha256: str | None = Field(None, pattern=r"^[a-f0-9]{64}$")
+    """Expected SHA-256 of a single-file vocoder source."""
+
+
 class ModelSpec(KubeModel):
     """Where a pool's model comes from: a source fetched into the model cache, or a path in the image."""
 
@@ -468,6 +477,10 @@ class ModelSpec(KubeModel):
             "x-kubernetes-validations": [
                 cel("!(has(self.source) && has(self.path))", "set either source or path, not both"),
                 cel("!has(self.sha256) || has(self.source)", "sha256 checks a downloaded source: set source"),
+                cel(
+                    "!has(self.vocoder) || has(self.source)",
+                    "a vocoder is fetched next to model.source: set source",
+                ),
             ]
         }
     )
@@ -476,9 +489,12 @@ class ModelSpec(KubeModel):
     """URI fetched by the model-cache Job: hf://org/repo[@rev], ngc://org/team/model:version, https://...,
     s3://bucket/key, file:///path, or an absolute path on the cache volume."""
     sha256: str | None = Field(None, pattern=r"^[a-f0-9]{64}$")
-    """Expected SHA-256 of the downloaded file; the fetch fails on mismatch."""
+    """Expected SHA-256 of a single-file source; the fetch fails on mismatch."""
     path: str | None = Field(None, pattern=r"^/.*$", max_length=1024)
     """Absolute path of a model already in the image (no download)."""
+    vocoder: VocoderSpec | None = None
+    """NeMo TTS only: a vocoder fetched into the same cache directory, for spectrogram generators published
+    without one (e.g. FastPitch on NGC)."""
 
     @model_validator(mode="after")
     def _source_or_path(self) -> ModelSpec:
@@ -486,6 +502,8 @@ class ModelSpec(KubeModel):
             raise ValueError("path: set either source or path, not both")
         if self.sha256 is not None and self.source is None:
             raise ValueError("sha256: sha256 checks a downloaded source: set source")
+        if self.vocoder is not None and self.source is None:
+            raise ValueError("vocoder: a vocoder is fetched next to model.source: set source")
         return self
 
 
@@ -640,8 +658,22 @@ class PoolSpec(KubeModel):
 class AsrPoolSpec(PoolSpec):
     """A speech-to-text worker pool."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.model) || !has(self.model.vocoder)", "a vocoder is for NeMo TTS pools only"),
+            ]
+        }
+    )
+
     engine: Literal["nemo", "whisper"]
     """nemo (NeMo .nemo models, GPU) or whisper (faster-whisper, CPU or GPU)."""
+
+    @model_validator(mode="after")
+    def _no_vocoder(self) -> AsrPoolSpec:
+        if self.model.vocoder is not None:
+            raise ValueError("model.vocoder: a vocoder is for NeMo TTS pools only")
+        return self
 
 
 class TtsPoolSpec(PoolSpec):
@@ -653,7 +685,11 @@ class TtsPoolSpec(PoolSpec):
                 cel(
                     "self.engine != 'piper' || !has(self.gpu) || self.gpu.count == 0",
                     "piper pools run on CPU: remove gpu",
-                )
+                ),
+                cel(
+                    "self.engine == 'nemo' || !has(self.model) || !has(self.model.vocoder)",
+                    "a vocoder is for NeMo TTS pools only",
+                ),
             ]
         }
     )
@@ -667,6 +703,8 @@ class TtsPoolSpec(PoolSpec):
     def _piper_is_cpu(self) -> TtsPoolSpec:
         if self.engine == "piper" and self.gpu_count > 0:
             raise ValueError("gpu.count: piper pools run on CPU: remove gpu")
+        if self.engine != "nemo" and self.model.vocoder is not None:
+            raise ValueError("model.vocoder: a vocoder is for NeMo TTS pools only")
         return self
 
 

@@ -319,6 +319,21 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _set(f"{ASR0}.model", {"source": "hf://a/b", "sha256": "xyz"}),
         "spec.asr.pools[0].model.sha256",
     ),
+    (
+        "vocoder without source",
+        _set(f"{TTS0}.model", {"path": "/m", "vocoder": {"source": "hf://a/b"}}),
+        "spec.tts.pools[0].model.vocoder",
+    ),
+    (
+        "vocoder on a piper pool",
+        _set(f"{TTS0}.model", {"source": "hf://a/b", "vocoder": {"source": "hf://a/c"}}),
+        "spec.tts.pools[0].model.vocoder",
+    ),
+    (
+        "vocoder on an asr pool",
+        _set(f"{ASR0}.model", {"source": "hf://a/b", "vocoder": {"source": "hf://a/c"}}),
+        "spec.asr.pools[0].model.vocoder",
+    ),
     ("tts engine on an asr pool", _set(f"{ASR0}.engine", "piper"), "spec.asr.pools[0].engine"),
     ("latest image tag", _set("spec.images", {"tag": "latest"}), "spec.images.tag"),
     (

@@ -251,14 +251,30 @@ def test_shared_model_is_fetched_once() -> None:
     ]
 
 
+def test_vocoder_is_fetched_next_to_its_model() -> None:
+    name, namespace, raw = load(ROOT / "examples" / "single-gpu.yaml")
+    spec = parse_spec(raw)
+    children = build_children(name, namespace, spec)
+    (tts,) = [
+        c for c in children if c["metadata"]["name"] == f"{name}-tts-fastpitch" and c["kind"] == "Deployment"
+    ]
+    env = {v["name"]: v.get("value") for v in tts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    model_dir = env["KUBESPEECH_WORKER_MODEL_PATH"]
+    targets = sorted(
+        c["spec"]["template"]["spec"]["containers"][0]["command"][5] for c in children if c["kind"] == "Job"
+    )
+    assert model_dir in targets and f"{model_dir}/vocoder" in targets
+    assert len(targets) == 3  # ASR model, TTS model, TTS vocoder
+
+
 def test_model_source_change_makes_a_new_job() -> None:
     name, namespace, raw = load(ROOT / "examples" / "single-gpu.yaml")
     before = fetch_job_names(name, namespace, parse_spec(raw))
     changed = copy.deepcopy(raw)
     changed["asr"]["pools"][0]["model"]["source"] = "hf://nvidia/parakeet-tdt-1.1b"
     after = fetch_job_names(name, namespace, parse_spec(changed))
-    assert len(before) == len(after) == 2
-    assert len(set(before) & set(after)) == 1, "only the changed model gets a new (immutable) Job"
+    assert len(before) == len(after) == 3  # ASR model, TTS model and its vocoder
+    assert len(set(before) & set(after)) == 2, "only the changed model gets a new (immutable) Job"
 
 
 def test_bad_name_is_a_spec_error() -> None:

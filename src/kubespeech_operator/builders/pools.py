@@ -42,7 +42,11 @@ def worker_component(task: str) -> str:
 
 @dataclass(frozen=True)
 class CachedModel:
-    """One model downloaded into the cache by one Job, shared by every pool that loads it."""
+    """One download into the cache by one Job, shared by every pool that loads it.
+
+    A NeMo TTS model with a separate vocoder is two downloads: the vocoder lands in a ``vocoder``
+    subdirectory of the model's directory, where the engine finds it.
+    """
 
     key: str
     source: str
@@ -50,35 +54,52 @@ class CachedModel:
     task: str
     model_name: str
     image: str
+    part: str = "model"
 
     @property
     def directory(self) -> str:
-        return f"{MODEL_CACHE_DIR}/{self.key}"
+        base = f"{MODEL_CACHE_DIR}/{self.key}"
+        return base if self.part == "model" else f"{base}/{self.part}"
+
+
+def model_key(pool: PoolSpec) -> str | None:
+    """The cache directory name of a pool's model; it changes whenever what is downloaded changes."""
+    model = pool.model
+    if model.source is None:
+        return None
+    inputs: dict[str, Any] = {"source": model.source, "sha256": model.sha256}
+    if model.vocoder is not None:
+        inputs["vocoder"] = {"source": model.vocoder.source, "sha256": model.vocoder.sha256}
+    return stable_hash(inputs, 12)
 
 
 def cached_models(ctx: Context) -> list[CachedModel]:
-    """Every distinct model source in the spec, in pool order; the key changes whenever the source does."""
-    models: dict[str, CachedModel] = {}
+    """Every distinct download in the spec, in pool order."""
+    models: dict[tuple[str, str], CachedModel] = {}
     for task, pool in ctx.spec.pools():
-        source = pool.model.source
-        if source is None:
+        key = model_key(pool)
+        if key is None or (key, "model") in models:
             continue
-        key = stable_hash({"source": source, "sha256": pool.model.sha256}, 12)
-        if key not in models:
-            models[key] = CachedModel(
-                key=key,
-                source=source,
-                sha256=pool.model.sha256,
-                task=task,
-                model_name=pool.queue_name,
-                image=pool_image(ctx.spec, task, pool),
+        assert pool.model.source is not None  # model_key is None without a source
+        common = {
+            "key": key,
+            "task": task,
+            "model_name": pool.queue_name,
+            "image": pool_image(ctx.spec, task, pool),
+        }
+        models[(key, "model")] = CachedModel(source=pool.model.source, sha256=pool.model.sha256, **common)
+        if pool.model.vocoder is not None:
+            models[(key, "vocoder")] = CachedModel(
+                source=pool.model.vocoder.source, sha256=pool.model.vocoder.sha256, part="vocoder", **common
             )
     return list(models.values())
 
 
 def fetch_job_name(ctx: Context, model: CachedModel) -> str:
     # Jobs are immutable: a new source gets a new Job (the key is in the name), never an edited one.
-    return f"{ctx.name}-fetch-{dns_fragment(model.model_name, 14)}-{model.key[:8]}"
+    if model.part == "model":
+        return f"{ctx.name}-fetch-{dns_fragment(model.model_name, 14)}-{model.key[:8]}"
+    return f"{ctx.name}-fetch-{dns_fragment(model.model_name, 10)}-voc-{model.key[:8]}"
 
 
 def build_model_cache_pvc(ctx: Context) -> Manifest | None:
@@ -135,6 +156,7 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
     )
     meta = metadata(ctx, fetch_job_name(ctx, model), MODEL_FETCH_COMPONENT, task=model.task)
     meta["labels"]["kubespeech.io/model-key"] = model.key
+    meta["labels"]["kubespeech.io/model-part"] = model.part
     meta["annotations"] = {"kubespeech.io/model-source": model.source}
     return {
         "apiVersion": "batch/v1",
@@ -160,13 +182,11 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
     }
 
 
-def _model_path(ctx: Context, pool: PoolSpec) -> str | None:
+def _model_path(pool: PoolSpec) -> str | None:
     if pool.model.path is not None:
         return pool.model.path
-    if pool.model.source is not None:
-        key = stable_hash({"source": pool.model.source, "sha256": pool.model.sha256}, 12)
-        return f"{MODEL_CACHE_DIR}/{key}"
-    return None
+    key = model_key(pool)
+    return None if key is None else f"{MODEL_CACHE_DIR}/{key}"
 
 
 def _topology_spread(ctx: Context, task: str, pool: PoolSpec) -> list[dict[str, Any]]:
@@ -211,7 +231,7 @@ def build_pool_deployment(ctx: Context, task: str, pool: PoolSpec, replicas: int
         env("HF_HUB_OFFLINE", "1"),
         env("HOME", "/tmp"),
     ]
-    model_path = _model_path(ctx, pool)
+    model_path = _model_path(pool)
     if model_path is not None:
         variables.append(env("KUBESPEECH_WORKER_MODEL_PATH", model_path))
     if pool.engine_options:
