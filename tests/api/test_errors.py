@@ -375,3 +375,22 @@ def test_license_errors_and_usage_metering(
             assert b"text" not in e and b"audio" not in e  # metadata only
     finally:
         server.stop()
+
+
+def test_redis_unreachable_is_503_not_500(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    settings = api_settings(f"redis://127.0.0.1:{free_port()}/0", NOOP_MODELS, tmp_path)
+    server = start_api(settings)
+    try:
+        with server.client(timeout=30) as c:
+            r = c.post("/waves/v1/stt/", content=wav(0.2))
+            assert r.status_code == 503 and error_code(r, "waves") == "SERVICE_UNAVAILABLE", r.text
+            assert int(r.headers["retry-after"]) >= 1
+            r = c.post("/v1/audio/speech", json={"model": "tts-1", "input": "hi", "voice": "alloy"})
+            assert r.status_code == 503 and error_code(r, "openai") == "SERVICE_UNAVAILABLE"
+            ready = c.get("/ready")
+            assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
+            assert c.get("/waves/v1/health").json()["status"] == "degraded"
+    finally:
+        server.stop()

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from kubespeech.api import metrics
 from kubespeech.api.registry import ModelInfo, ModelRegistry
 from kubespeech.api.settings import ApiSettings
@@ -29,6 +31,7 @@ from kubespeech.errors import (
     InvalidInput,
     KubespeechError,
     NoWorkers,
+    ServiceUnavailable,
     TextTooLong,
 )
 from kubespeech.jobs import JobClient, Result
@@ -152,6 +155,16 @@ class SpeechService:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _call(self, model: ModelInfo, meta: dict[str, Any], payload: bytes) -> Result:
+        try:
+            return await self._call_queue(model, meta, payload)
+        except (RedisError, OSError) as exc:
+            # Nothing was acknowledged to the client; it may retry once Redis is back.
+            raise ServiceUnavailable(
+                f"the job queue is unreachable ({type(exc).__name__}); retry shortly",
+                retry_after=float(self.settings.limits.retry_after_s),
+            ) from None
+
+    async def _call_queue(self, model: ModelInfo, meta: dict[str, Any], payload: bytes) -> Result:
         timeout = self.settings.limits.request_timeout_s
         if self.registry.live.get(model.name, 0) > 0:
             return await self.jobs.call(model.name, meta, payload, timeout_s=timeout)
