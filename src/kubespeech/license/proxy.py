@@ -51,6 +51,8 @@ from kubespeech.license.usage import as_text, decode_event
 log = logging.getLogger(__name__)
 
 VERSION = "1"
+# Where a vendor's license-proxy image carries its public key, used when none is configured.
+BAKED_PUBLIC_KEY = Path("/etc/kubespeech/vendor-public-key.pem")
 
 # Record the outcome of one check-in atomically: timestamps only move forward (replicas race), the
 # revocation verdict is whatever the upstream said last.
@@ -247,6 +249,8 @@ class LicenseProxy:
                 public_key = load_public_key(s.public_key)
             elif s.public_key_file is not None:
                 public_key = load_public_key(s.public_key_file)
+            elif BAKED_PUBLIC_KEY.exists():
+                public_key = load_public_key(BAKED_PUBLIC_KEY)
             else:
                 raise TokenError("no_public_key", "No vendor public key is configured.")
         except (OSError, ValueError) as exc:
