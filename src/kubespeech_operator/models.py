@@ -86,6 +86,8 @@ class KubeModel(BaseModel):
         alias_generator=to_camel,
         use_attribute_docstrings=True,
         validate_default=False,
+        # No type coercion ("2" for 2): accept exactly what the CRD schema accepts.
+        strict=True,
     )
 
 

@@ -263,6 +263,7 @@ WHISPER = BASE["spec"]["asr"]["pools"][0]
 # (id, mutation, field path the Python models must name)
 INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("negative api replicas", _set("spec.api.replicas", -1), "spec.api.replicas"),
+    ("replicas as a string", _set("spec.api.replicas", "2"), "spec.api.replicas"),
     ("unknown field", _set(f"{ASR0}.gpus", 1), "spec.asr.pools[0].gpus"),
     ("negative pool replicas", _set(f"{ASR0}.replicas", -2), "spec.asr.pools[0].replicas"),
     (
