@@ -130,6 +130,15 @@ def build_api_deployment(ctx: Context) -> Manifest:
     }
     pod_spec = pod_spec_base(ctx, ctx.api_name)
     pod_spec.update({"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 60})
+    # Losing one node should not take the whole API tier (and every WebSocket session) with it.
+    pod_spec["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(ctx, COMPONENT)},
+        }
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
