@@ -474,3 +474,44 @@ def test_emulator_can_fail() -> None:
 
 def test_crd_built_in_memory_equals_file() -> None:
     assert build_crd() == crd()
+
+
+def test_status_schema_keeps_what_the_operator_writes() -> None:
+    """A real API server prunes status fields the schema does not declare: the operator's shape must fit."""
+    document = copy.deepcopy(BASE)
+    document["status"] = {
+        "observedGeneration": 3,
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "False",
+                "reason": "PodsUnschedulable",
+                "message": "asr/whisper: 0/1 pods scheduled: Insufficient nvidia.com/gpu (3 nodes)",
+                "lastTransitionTime": "2026-11-25T10:00:00Z",
+                "observedGeneration": 3,
+            }
+        ],
+        "asrReplicas": "0/1",
+        "ttsReplicas": "1/1",
+        "queueDepth": 7,
+        "pools": [
+            {
+                "name": "whisper",
+                "task": "asr",
+                "modelName": "whisper-tiny-en",
+                "replicas": 1,
+                "readyReplicas": 0,
+                "desiredReplicas": 1,
+                "queueDepth": 7,
+                "activeStreams": 0,
+                "message": "0/1 pods scheduled",
+            }
+        ],
+        "endpoints": {
+            "api": "http://speech-cpu-api.speech.svc:7100",
+            "external": "https://speech.example.com",
+        },
+    }
+    assert admission_errors(document) == []
+    document["status"]["pools"][0]["unknown"] = 1
+    assert admission_errors(document), "the emulator must see undeclared status fields"
