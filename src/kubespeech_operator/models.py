@@ -489,7 +489,8 @@ class ModelSpec(KubeModel):
 
     source: str | None = Field(None, pattern=MODEL_SOURCE_PATTERN, max_length=2048)
     """URI fetched by the model-cache Job: hf://org/repo[@rev], ngc://org/team/model:version, https://...,
-    s3://bucket/key, file:///path, or an absolute path on the cache volume."""
+    s3://bucket/key, file:///path, or an absolute path (the Job sees the cache volume at /models, so a
+    /models/... path takes a file you put on the volume yourself)."""
     sha256: str | None = Field(None, pattern=r"^[a-f0-9]{64}$")
     """Expected SHA-256 of a single-file source; the fetch fails on mismatch."""
     path: str | None = Field(None, pattern=r"^/.*$", max_length=1024)
