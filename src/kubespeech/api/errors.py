@@ -190,7 +190,14 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "header", "form")]
+        raw_loc = [str(x) for x in err.get("loc", ())]
+        loc = [x for x in raw_loc if x not in ("body", "query", "path", "header", "form")]
+        if not loc and raw_loc[:1] == ["body"]:
+            parts.append(
+                f"body: {err.get('msg', 'invalid')} (send a JSON object with Content-Type: application/json)"
+            )
+            param = param or "body"
+            continue
         name = ".".join(loc) or "request"
         param = param or name
         parts.append(f"{name}: {err.get('msg', 'invalid')}")
