@@ -515,3 +515,14 @@ def test_status_schema_keeps_what_the_operator_writes() -> None:
     assert admission_errors(document) == []
     document["status"]["pools"][0]["unknown"] = 1
     assert admission_errors(document), "the emulator must see undeclared status fields"
+
+
+def test_defaults_are_valid_on_their_own() -> None:
+    """The API server refuses a CRD whose defaults fail the schema (e.g. {} where fields are required)."""
+    for path, node in _walk(openapi()):
+        if "default" not in node:
+            continue
+        value = apply_defaults(node, copy.deepcopy(node["default"]))
+        errors = [error.message for error in jsonschema.Draft7Validator(_strict(node)).iter_errors(value)]
+        assert errors == [], path
+        assert rule_violations(node, value, path) == []
