@@ -526,3 +526,10 @@ def test_defaults_are_valid_on_their_own() -> None:
         errors = [error.message for error in jsonschema.Draft7Validator(_strict(node)).iter_errors(value)]
         assert errors == [], path
         assert rule_violations(node, value, path) == []
+
+
+def test_crd_fits_client_side_apply() -> None:
+    """`kubectl apply` stores the whole object in an annotation limited to 256 KiB (total annotations)."""
+    import json
+
+    assert len(json.dumps(crd(), separators=(",", ":"))) < 200_000
