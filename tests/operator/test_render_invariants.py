@@ -282,3 +282,14 @@ def test_bad_name_is_a_spec_error() -> None:
     with pytest.raises(SpecError) as info:
         build_children("x" * 31, namespace, parse_spec(raw))
     assert info.value.field_path == "metadata.name"
+
+
+def test_upgrading_kubespeech_does_not_restart_redis() -> None:
+    name, namespace, raw = load(ROOT / "examples" / "cpu.yaml")
+
+    def redis_pod_spec(tag: str) -> Any:
+        spec = parse_spec({**raw, "images": {"tag": tag}})
+        (redis,) = [c for c in build_children(name, namespace, spec) if c["kind"] == "StatefulSet"]
+        return redis["spec"]
+
+    assert redis_pod_spec("0.1.0") == redis_pod_spec("0.2.0")

@@ -109,8 +109,11 @@ def build_redis_statefulset(ctx: Context) -> Manifest:
     }
     pod_spec = pod_spec_base(ctx, ctx.redis_name)
     pod_spec.update({"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 30})
+    template_labels = metadata(ctx, ctx.redis_name, COMPONENT)["labels"]
+    # Not the stack's version: upgrading kubespeech must not restart Redis (and pause every queue).
+    template_labels.pop("app.kubernetes.io/version")
     statefulset_spec["template"] = {
-        "metadata": {"labels": metadata(ctx, ctx.redis_name, COMPONENT)["labels"]},
+        "metadata": {"labels": template_labels},
         "spec": pod_spec,
     }
     return {
