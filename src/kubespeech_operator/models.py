@@ -362,7 +362,9 @@ class LicenseProxySpec(KubeModel):
 
 
 class RedisPersistenceSpec(KubeModel):
-    """Whether embedded Redis keeps its data on a PersistentVolume."""
+    """Whether embedded Redis keeps its data on a PersistentVolume. Fixed once Redis exists (a StatefulSet's
+    volume templates are immutable): to change it, delete the Redis StatefulSet and let the operator recreate
+    it."""
 
     enabled: bool = True
     """Keep Redis data on a PVC (otherwise an emptyDir: queued jobs are lost when the pod moves)."""
