@@ -50,7 +50,7 @@ def start_api(settings: ApiSettings) -> ApiServer:
     port = free_port()
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-        lifespan="on", access_log=False, log_config=None,
+        lifespan="on", access_log=False, log_config=None, timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"api-{port}", daemon=True)
