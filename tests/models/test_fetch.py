@@ -140,7 +140,7 @@ def server() -> Iterator[Server]:
     behaviour = Behaviour()
     handler = type("Handler", (_Handler,), {"behaviour": behaviour})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield Server(f"http://127.0.0.1:{httpd.server_address[1]}", behaviour)
     httpd.shutdown()

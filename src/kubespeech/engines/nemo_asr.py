@@ -89,8 +89,9 @@ class NemoAsrEngine:
     ``word_timestamps`` (compute word times when the model supports them; default true),
     ``max_batch_audio_s`` (split a micro-batch into length-sorted sub-batches whose padded audio stays under
     this many seconds; default: no split), ``max_audio_s`` (longest accepted clip), ``language`` (reported
-    language), ``warmup`` (run one pass at load; default true), and the streaming knobs ``stream_chunk_s``,
-    ``stream_max_segment_s``, ``stream_silence_s``, ``stream_silence_rms``.
+    language), ``warmup`` (run one pass at load; default true), ``cpu_threads`` (torch threads on CPU), and
+    the streaming knobs ``stream_chunk_s``, ``stream_max_segment_s``, ``stream_silence_s``,
+    ``stream_silence_rms``.
     """
 
     name = "nemo"
@@ -106,6 +107,7 @@ class NemoAsrEngine:
         max_audio_s: float | None = None,
         language: str = "en",
         warmup: bool = True,
+        cpu_threads: int | None = None,
         stream_chunk_s: float = 1.0,
         stream_max_segment_s: float = 15.0,
         stream_silence_s: float = 0.6,
@@ -128,6 +130,7 @@ class NemoAsrEngine:
         self.max_audio_s = float(max_audio_s) if max_audio_s else None
         self.language = language
         self.warmup = bool(warmup)
+        self.cpu_threads = int(cpu_threads) if cpu_threads else None
         self.stream_options = {
             "chunk_s": float(stream_chunk_s),
             "max_segment_s": float(stream_max_segment_s),
@@ -162,6 +165,8 @@ class NemoAsrEngine:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"device '{self.device}' requested but torch sees no CUDA GPU")
         self.precision = resolve_precision(self.precision_option, self.device)
+        if self.cpu_threads and not self.device.startswith("cuda"):
+            torch.set_num_threads(self.cpu_threads)  # process-wide: a worker process serves one engine
         from nemo.collections.asr.models import ASRModel
 
         model = ASRModel.restore_from(str(path), map_location=torch.device(self.device))
@@ -442,11 +447,32 @@ class NemoAsrStream:
     def _rms(self, audio: Audio) -> float:
         return float(math.sqrt(float(np.mean(np.square(audio, dtype=np.float64))))) if audio.size else 0.0
 
+    def _speech_span(self, audio: Audio) -> tuple[int, int] | None:
+        """The part of ``audio`` from the first to the last loud 20 ms frame, plus a margin on each side.
+
+        Long pauses around an utterance are not what models are trained on (and per-utterance feature
+        normalization shifts with them), so a segment is recognized without its surrounding quiet.
+        """
+        frame = max(int(0.02 * self.engine.sample_rate), 1)
+        n = audio.size // frame
+        if n == 0:
+            return None
+        energy = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame), dtype=np.float64), axis=1))
+        loud = np.flatnonzero(energy >= self.silence_rms)
+        if loud.size == 0:
+            return None
+        margin = int(0.25 * self.engine.sample_rate)
+        return max(int(loud[0]) * frame - margin, 0), min((int(loud[-1]) + 1) * frame + margin, audio.size)
+
+    def _recognize(self, audio: Audio) -> AsrResult | None:
+        span = self._speech_span(audio)
+        if span is None:
+            return None
+        offset = (self._segment_start + span[0]) / self.engine.sample_rate
+        return self.engine.transcribe_segment(audio[span[0] : span[1]], offset, self.word_timestamps)
+
     def _close_segment(self, audio: Audio) -> AsrResult | None:
-        offset = self._segment_start / self.engine.sample_rate
-        result = None
-        if self._heard_speech and audio.size:
-            result = self.engine.transcribe_segment(audio, offset, self.word_timestamps)
+        result = self._recognize(audio) if self._heard_speech and audio.size else None
         self._segment_start += audio.size
         self._buffer, self._buffered, self._since_decode = [], 0, 0
         self._heard_speech = False
@@ -476,8 +502,7 @@ class NemoAsrStream:
             if final is not None:
                 finals.append(final)
         elif self._heard_speech:
-            offset = self._segment_start / self.engine.sample_rate
-            self.partial = self.engine.transcribe_segment(segment, offset, self.word_timestamps)
+            self.partial = self._recognize(segment)
         else:
             # Leading silence: drop it (keep a little context) so segments start near the speech.
             keep = segment[-self.silence :]

@@ -70,7 +70,8 @@ class NemoTtsEngine:
     directory when unset), ``voices`` (speaker name -> speaker index, or a list of names
     in index order), ``default_voice``, ``language``, ``precision`` (auto|fp32|fp16|bf16; autocast on CUDA),
     ``normalize_text`` (default true), ``max_text_chars``, ``output_sample_rate`` (resample the output),
-    ``stream_max_chars`` and ``stream_batch`` (sentence chunks per batch after the first), ``warmup``.
+    ``stream_max_chars`` and ``stream_batch`` (sentence chunks per batch after the first), ``warmup``,
+    ``cpu_threads`` (torch threads on CPU).
     """
 
     name = "nemo"
@@ -91,6 +92,7 @@ class NemoTtsEngine:
         stream_max_chars: int = 300,
         stream_batch: int = 4,
         warmup: bool = True,
+        cpu_threads: int | None = None,
         **options: Any,
     ) -> None:
         if not model_path:
@@ -114,6 +116,7 @@ class NemoTtsEngine:
         self.stream_max_chars = int(stream_max_chars)
         self.stream_batch = max(int(stream_batch), 1)
         self.warmup = bool(warmup)
+        self.cpu_threads = int(cpu_threads) if cpu_threads else None
         self.sample_rate = self.output_sample_rate or 22050
         self.native_sample_rate = 22050
         self.spec_gen: Any = None
@@ -142,6 +145,8 @@ class NemoTtsEngine:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"device '{self.device}' requested but torch sees no CUDA GPU")
         self.precision = resolve_precision(self.precision_option, self.device)
+        if self.cpu_threads and not self.device.startswith("cuda"):
+            torch.set_num_threads(self.cpu_threads)  # process-wide: a worker process serves one engine
         from nemo.collections.tts.models.base import SpectrogramGenerator, Vocoder
 
         device = torch.device(self.device)

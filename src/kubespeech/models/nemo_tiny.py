@@ -156,12 +156,30 @@ def train_char_ctc(
     steps: int = 400,
     lr: float = 3e-3,
     seed: int = 0,
+    threads: int | None = 1,
 ) -> list[float]:
     """Fit a char-CTC model to ``clips`` (16 kHz float32) and their ``texts``; returns the loss curve.
+
+    ``threads`` caps torch's intra-op threads while training (restored afterwards): a model this small
+    spends more time synchronizing threads than computing, many times more on a busy machine.
 
     Each step is one batch of all clips with a random gain, random leading and trailing silence and faint
     noise, so the model learns the words rather than the exact sample positions or the clip edges. Plain torch (no Lightning trainer): seconds on 2 cores.
     """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(model, clips, texts, steps=steps, lr=lr, seed=seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    model: Any, clips: Sequence[np.ndarray], texts: Sequence[str], *, steps: int, lr: float, seed: int
+) -> list[float]:
     import torch
 
     torch.manual_seed(seed)
@@ -174,7 +192,9 @@ def train_char_ctc(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
     losses: list[float] = []
-    lead, tail = 3200, 9600  # up to 0.2 s of silence before and 0.6 s after (clips are padded at inference)
+    # Up to 0.5 s of silence before and 1 s after: inference pads short clips and streaming segments end
+    # with the pause that closed them.
+    lead, tail = 8000, 16000
     longest = max(len(c) for c in clips) + lead + tail
     for _ in range(steps):
         batch = torch.from_numpy(rng.standard_normal((len(clips), longest)).astype(np.float32) * 1e-3)
