@@ -246,7 +246,7 @@ class NemoAsrEngine:
 
     # ----- batch inference -----------------------------------------------------------------------
 
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
         if not self.device.startswith("cuda") or self.precision == "fp32":
             return contextlib.nullcontext()
         import torch
@@ -262,7 +262,7 @@ class NemoAsrEngine:
         with self._lock:
             self._recording = recording
             try:
-                with self._autocast():
+                with self.autocast():
                     out = self.model.transcribe(
                         padded,
                         batch_size=len(padded),

@@ -224,7 +224,7 @@ class NemoTtsEngine:
             raise EmptyInput("text has nothing this model can pronounce")
         return tokens
 
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
         if not self.device.startswith("cuda") or self.precision == "fp32":
             return contextlib.nullcontext()
         import torch
@@ -267,7 +267,7 @@ class NemoTtsEngine:
     def _run(self, tokens: list[Any], speakers: list[int], paces: list[float]) -> list[Audio]:
         import torch
 
-        with self._lock, torch.inference_mode(), self._autocast():
+        with self._lock, torch.inference_mode(), self.autocast():
             spect, lens = self._spectrograms(tokens, speakers, paces)
             self.last_batch_sizes.append(len(tokens))
             frames = torch.arange(spect.shape[-1], device=spect.device)

@@ -124,14 +124,51 @@ def char_rnnt_config(kind: str = "rnnt", filters: int = 64) -> dict[str, Any]:
     return cfg
 
 
+def fastconformer_ctc_config(d_model: int = 512, layers: int = 17, heads: int = 8) -> dict[str, Any]:
+    """A char-CTC FastConformer (8x depthwise-striding subsampling), the encoder family of Parakeet.
+
+    With the defaults it has ~115M parameters: a stand-in of realistic cost for GPU benchmarks when no
+    real checkpoint is at hand (random weights: its throughput means something, its text does not).
+    """
+    cfg = char_ctc_config()
+    cfg["preprocessor"]["features"] = 80
+    cfg["encoder"] = {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": 80,
+        "feat_out": -1,
+        "n_layers": layers,
+        "d_model": d_model,
+        "subsampling": "dw_striding",
+        "subsampling_factor": 8,
+        "subsampling_conv_channels": min(d_model, 256),
+        "causal_downsampling": False,
+        "ff_expansion_factor": 4,
+        "self_attention_model": "rel_pos",
+        "n_heads": heads,
+        "att_context_size": [-1, -1],
+        "xscaling": True,
+        "untie_biases": True,
+        "pos_emb_max_len": 5000,
+        "conv_kernel_size": 9,
+        "conv_norm_type": "batch_norm",
+        "dropout": 0.0,
+        "dropout_pre_encoder": 0.0,
+        "dropout_emb": 0.0,
+        "dropout_att": 0.0,
+    }
+    cfg["decoder"]["feat_in"] = d_model
+    return cfg
+
+
 def build_asr(kind: str = "ctc", **kwargs: Any) -> Any:
-    """A tiny NeMo ASR model of ``kind`` (ctc, rnnt, tdt, hybrid) with random weights."""
+    """A NeMo ASR model of ``kind`` (ctc, rnnt, tdt, hybrid, fastconformer) with random weights."""
     from omegaconf import OmegaConf
 
-    if kind == "ctc":
+    if kind in ("ctc", "fastconformer"):
         from nemo.collections.asr.models import EncDecCTCModel
 
-        return EncDecCTCModel(cfg=OmegaConf.create(char_ctc_config(**kwargs)))
+        config = char_ctc_config(**kwargs) if kind == "ctc" else fastconformer_ctc_config(**kwargs)
+        return EncDecCTCModel(cfg=OmegaConf.create(config))
     cfg = OmegaConf.create(char_rnnt_config(kind, **kwargs))
     if kind == "hybrid":
         from nemo.collections.asr.models import EncDecHybridRNNTCTCModel
