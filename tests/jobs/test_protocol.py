@@ -200,3 +200,51 @@ async def test_jobs_enqueued_before_any_worker_are_not_skipped(redis: Redis) -> 
 async def test_result_format_rejects_foreign_data() -> None:
     with pytest.raises(ValueError):
         Result.decode(b"not a result")
+
+
+async def test_call_on_a_full_queue_fails_at_once_in_its_single_round_trip(redis: Redis) -> None:
+    client = JobClient(redis, SETTINGS)
+    for _ in range(SETTINGS.max_length):
+        await client.submit("m", {})
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(QueueFull):
+        await client.call("m", {}, timeout_s=30)
+    assert asyncio.get_running_loop().time() - started < 1, "the caller waited instead of failing fast"
+    assert await redis.keys("ks:r:*") == [], "the wake-up marker was left behind"
+
+
+async def test_call_recovers_when_redis_forgot_the_script(redis: Redis) -> None:
+    client = JobClient(redis, SETTINGS)
+    worker = JobConsumer(redis, "m", "w1", SETTINGS)
+    await worker.ensure_group()
+    await redis.script_flush()
+
+    async def serve() -> None:
+        (job,) = await worker.read_batch(1, 0, 2000)
+        await worker.publish([(job, Result(header={"ok": 1}))])
+
+    server = asyncio.create_task(serve())
+    result = await client.call("m", {}, timeout_s=5)
+    await server
+    assert result.header == {"ok": 1}
+
+
+async def test_a_cancelled_call_does_not_poison_the_connection_pool(redis: Redis) -> None:
+    client = JobClient(redis, SETTINGS)
+    worker = JobConsumer(redis, "m", "w1", SETTINGS)
+    waiting = asyncio.create_task(client.call("m", {"n": "abandoned"}, timeout_s=10))
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    jobs = await worker.read_batch(10, 0, 100)
+    await worker.publish([(j, Result(header={"n": j.meta["n"]})) for j in jobs])
+
+    async def serve() -> None:
+        (job,) = await worker.read_batch(1, 0, 2000)
+        await worker.publish([(job, Result(header={"n": job.meta["n"]}))])
+
+    server = asyncio.create_task(serve())
+    results = [await client.call("m", {"n": "next"}, timeout_s=5)]
+    await server
+    assert [r.header["n"] for r in results] == ["next"]

@@ -26,7 +26,8 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from kubespeech.config import QueueSettings
 from kubespeech.errors import DeadlineExceeded, KubespeechError, PayloadTooLarge, QueueFull
@@ -42,12 +43,17 @@ if depth == 0 and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[4], '0', 'MKSTREAM')
 end
 if depth >= tonumber(ARGV[1]) then
+  if ARGV[5] == '1' then
+    -- The caller is already blocked on its reply list in the same round trip: wake it up.
+    redis.call('RPUSH', KEYS[3], '')
+    redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  end
   return depth
 end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
 """
 
 # Publish a result exactly once, then acknowledge and remove the entry and its payload.
@@ -194,15 +200,13 @@ class JobClient:
         self.keys = Keys(prefix)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
 
-    async def submit(
-        self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
-    ) -> str:
-        """Put a job on ``model``'s queue and return its id; raises QueueFull when the queue is at its bound."""
+    def _prepare(
+        self, model: str, meta: dict[str, Any], payload: bytes, timeout: float, same_round_trip: bool
+    ) -> tuple[str, list[Any], list[Any]]:
         if len(payload) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"payload of {len(payload)} bytes exceeds the limit of {self.settings.max_payload_bytes} bytes"
             )
-        timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
         now = time.time()
         job_id = uuid.uuid4().hex
         ttl_ms = int((timeout + self.settings.result_ttl_s) * 1000)
@@ -215,15 +219,31 @@ class JobClient:
         ]  # fmt: skip
         if inline:
             fields += ["b", payload]
-        res = await self._enqueue(
-            keys=[self.keys.queue(model), self.keys.payload(job_id)],
-            args=[self.settings.max_length, ttl_ms, b"" if inline else payload, GROUP, *fields],
+        keys = [self.keys.queue(model), self.keys.payload(job_id), self.keys.reply(job_id)]
+        args = [
+            self.settings.max_length,
+            ttl_ms,
+            b"" if inline else payload,
+            GROUP,
+            "1" if same_round_trip else "0",
+            *fields,
+        ]
+        return job_id, keys, args
+
+    def _queue_full(self, model: str, depth: int) -> QueueFull:
+        return QueueFull(
+            f"queue for model '{model}' is full ({depth} jobs outstanding); retry later", retry_after=1.0
         )
+
+    async def submit(
+        self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
+    ) -> str:
+        """Put a job on ``model``'s queue and return its id; raises QueueFull when the queue is at its bound."""
+        timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
+        job_id, keys, args = self._prepare(model, meta, payload, timeout, same_round_trip=False)
+        res = await self._enqueue(keys=keys, args=args)
         if isinstance(res, int):
-            raise QueueFull(
-                f"queue for model '{model}' is full ({res} jobs outstanding); retry later",
-                retry_after=1.0,
-            )
+            raise self._queue_full(model, res)
         return job_id
 
     async def wait(self, job_id: str, timeout_s: float) -> Result:
@@ -236,10 +256,54 @@ class JobClient:
     async def call(
         self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
     ) -> Result:
-        """Submit and wait; raises the job's own typed error when it failed."""
+        """Submit and wait in ONE round trip; raises the job's own typed error when it failed.
+
+        The enqueue script and the BLPOP on the job's reply list are sent together on one connection: Redis
+        runs the script, then blocks the same connection until the worker's result arrives (or the script
+        itself pushed a wake-up because the queue was full). Only when the script fails before it runs
+        (e.g. NOSCRIPT after a Redis restart) is the connection, still blocked in BLPOP, dropped.
+        """
         timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
-        job_id = await self.submit(model, meta, payload, timeout_s=timeout)
-        return (await self.wait(job_id, timeout)).raise_for_error()
+        job_id, keys, args = self._prepare(model, meta, payload, timeout, same_round_trip=True)
+        pool = self.redis.connection_pool
+        for attempt in range(3):
+            conn = await pool.get_connection()
+            sent = False
+            try:
+                await conn.send_packed_command(
+                    conn.pack_commands(
+                        [
+                            ("EVALSHA", self._enqueue.sha, len(keys), *keys, *args),
+                            ("BLPOP", keys[2], f"{max(timeout, 0.01):.3f}"),
+                        ]
+                    )
+                )
+                sent = True
+                try:
+                    enqueued = await conn.read_response(disable_decoding=True)
+                except NoScriptError:
+                    await conn.disconnect()
+                    self._enqueue.sha = await self.redis.script_load(_ENQUEUE_LUA)
+                    continue
+                except ResponseError:
+                    await conn.disconnect()
+                    raise
+                if isinstance(enqueued, int):
+                    await conn.read_response(disable_decoding=True)  # the wake-up the script pushed
+                    raise self._queue_full(model, enqueued)
+                popped = await conn.read_response(disable_decoding=True)
+            except (RedisConnectionError, OSError):
+                # A pooled connection that went stale fails on send; the job id is reused, so even a
+                # job that did get queued before the failure is answered once (the result marker is per id).
+                if sent or attempt == 2:
+                    raise
+                continue
+            finally:
+                await pool.release(conn)
+            if popped is None:
+                raise DeadlineExceeded(f"no result within {timeout:.1f} s", job_id=job_id)
+            return Result.decode(popped[1]).raise_for_error()
+        raise RedisConnectionError("could not enqueue after reconnecting")
 
     async def depth(self, model: str) -> QueueDepth:
         return await queue_depth(self.redis, self.keys, model)

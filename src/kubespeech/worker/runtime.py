@@ -247,6 +247,11 @@ class Worker:
         if audio > 0:
             self.metrics.audio_seconds.labels(**labels).inc(audio)
             self.metrics.rtf.labels(**labels).observe(elapsed / audio)
+        # Engine time and batch size ride along so the API can show its own overhead beside the engine's.
+        timing = {"engine_ms": round(elapsed * 1000, 3), "batch_size": len(jobs)}
+        for o in outcomes:
+            if o.result.error is None:
+                o.result.header.update(timing)
         return [(job, o.result) for job, o in zip(jobs, outcomes, strict=True)]
 
     async def _keep_alive(self, jobs: list[Job]) -> None:
