@@ -84,6 +84,32 @@ def test_bad_items_fail_alone(random_engine: NemoAsrEngine) -> None:
     assert random_engine.last_batch_sizes == [2]
 
 
+def test_a_pass_that_fails_is_halved_until_the_bad_input_fails_alone(
+    random_engine: NemoAsrEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection at the model boundary: any pass that contains the poison clip fails, as a batch
+    # that runs out of GPU memory or trips over one malformed input would.
+    poison = int(1.3 * RATE)
+    real = random_engine.model.transcribe
+
+    def transcribe(audio: list[np.ndarray], **kwargs: object) -> object:
+        if any(len(a) == poison for a in audio):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(audio, **kwargs)
+
+    monkeypatch.setattr(random_engine.model, "transcribe", transcribe)
+    seconds = [1.0, 2.0, 1.3, 1.5, 0.5, 1.8, 1.1, 1.2]
+    results = random_engine.transcribe_batch([AsrRequest(audio=noise(s, i)) for i, s in enumerate(seconds)])
+    assert [isinstance(r, AsrResult) for r in results] == [s != 1.3 for s in seconds]
+    assert isinstance(results[2], RuntimeError)
+    # Sorted longest first, the poison (1.3 s) is in the first half: 8 fails -> [2.0 1.8 1.5 1.3] fails ->
+    # [2.0 1.8] ok, [1.5 1.3] fails -> [1.5] ok, [1.3] fails alone; then the other half [1.2 1.1 1.0 0.5] ok.
+    assert random_engine.last_batch_sizes == [2, 1, 4]
+    assert [r.duration for r in results if isinstance(r, AsrResult)] == pytest.approx(
+        [s for s in seconds if s != 1.3]
+    )
+
+
 def test_a_memory_budget_splits_the_batch_into_length_sorted_passes(ctc_model: Path) -> None:
     engine = NemoAsrEngine(model_path=str(ctc_model), max_batch_audio_s=8.0, warmup=False)
     engine.load()

@@ -82,6 +82,14 @@ def gpu_memory(device: str) -> dict[str, float] | None:
     }
 
 
+def _release_cuda_cache(device: str) -> None:
+    """After a failed pass (often out of memory) give cached blocks back before the retry."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 class NemoAsrEngine:
     """A NeMo ASR checkpoint behind the AsrEngine protocol.
 
@@ -347,24 +355,24 @@ class NemoAsrEngine:
                 results[i] = exc
         lengths = [len(clips[i]) if i in clips else 0 for i in range(len(requests))]
         order = sorted(clips, key=lambda i: lengths[i], reverse=True)
-        for group in self._sub_batches(order, lengths):
+        pending = list(self._sub_batches(order, lengths))
+        while pending:
+            group = pending.pop(0)
             try:
                 hyps = self._forward([clips[i] for i in group])
             except Exception as exc:
                 if len(group) == 1:
                     results[group[0]] = exc
                     continue
-                # One input can break a whole pass (or it ran out of memory): retry alone so it fails alone.
-                log.warning("batched pass failed; retrying items one by one", extra={"error": f"{exc}"[:300]})
-                for i in group:
-                    try:
-                        results[i] = self._result(
-                            self._forward([clips[i]])[0],
-                            lengths[i] / self.sample_rate,
-                            requests[i].word_timestamps,
-                        )
-                    except Exception as item_exc:
-                        results[i] = item_exc
+                # The pass ran out of memory or one input broke it: halve the group (still length-sorted)
+                # and retry, so memory fits again and a bad input ends up failing alone in log2(n) passes.
+                log.warning(
+                    "batched pass failed; retrying in halves",
+                    extra={"batch": len(group), "error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+                _release_cuda_cache(self.device)
+                half = len(group) // 2
+                pending[:0] = [group[:half], group[half:]]
                 continue
             for i, hyp in zip(group, hyps, strict=True):
                 results[i] = self._result(hyp, lengths[i] / self.sample_rate, requests[i].word_timestamps)
