@@ -66,7 +66,15 @@ class Served:
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
-            await self._task
+            done, _ = await asyncio.wait([self._task], timeout=5)
+            while not done:
+                # redis-py 8.1 often swallows a cancel that lands mid-command, so a background loop that
+                # relies on task.cancel() alone (the API's "api-refresh" refresher) can keep the app's
+                # shutdown waiting forever; cancel it again until the shutdown completes.
+                for task in asyncio.all_tasks():
+                    if task.get_name() == "api-refresh":
+                        task.cancel()
+                done, _ = await asyncio.wait([self._task], timeout=0.5)
         self._server, self._task = None, None
 
     @property

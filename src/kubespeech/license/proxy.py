@@ -301,21 +301,22 @@ class LicenseProxy:
         stored = SharedState.from_hash(raw)
         mine = self.shared
         # Keep whichever is newer: this replica may have learnt something while Redis was down.
+        # first_seen is written once (HSETNX) so replicas racing at first start end up with one value.
+        first_seen = stored.first_seen or mine.first_seen or round(time.time(), 3)
+        if not stored.first_seen:
+            with contextlib.suppress(RedisError, OSError):
+                key = self.keys.state(claims.lid)
+                await self.redis.hsetnx(key, "first_seen", f"{first_seen:.3f}")
+                first_seen = float(await self.redis.hget(key, "first_seen") or first_seen)
+        newer_ok = stored.last_ok >= mine.last_ok
         self.shared = SharedState(
-            first_seen=min(x for x in (stored.first_seen, mine.first_seen, round(time.time(), 3)) if x > 0),
+            first_seen=first_seen,
             last_ok=max(stored.last_ok, mine.last_ok),
             last_fail=max(stored.last_fail, mine.last_fail),
             last_error=stored.last_error if stored.last_fail >= mine.last_fail else mine.last_error,
-            revoked=stored.revoked if stored.last_ok >= mine.last_ok else mine.revoked,
-            revoked_message=stored.revoked_message
-            if stored.last_ok >= mine.last_ok
-            else mine.revoked_message,
+            revoked=stored.revoked if newer_ok else mine.revoked,
+            revoked_message=stored.revoked_message if newer_ok else mine.revoked_message,
         )
-        if stored.first_seen == 0 or stored.first_seen > self.shared.first_seen:
-            with contextlib.suppress(RedisError, OSError):
-                await self.redis.hset(
-                    self.keys.state(claims.lid), "first_seen", f"{self.shared.first_seen:.3f}"
-                )
 
     def _set_store_ok(self, ok: bool) -> None:
         if ok != self.store_ok:
