@@ -269,3 +269,34 @@ async def test_key_file_change_is_picked_up(vendor: Vendor, start_proxy: StartPr
     await eventually(p.license, lambda a: a["features"] == ["asr", "tts"])
     key_file.write_text(_tamper(vendor.token(mode="offline")))
     await eventually(p.license, lambda a: a["reason"] == "bad_signature")
+
+
+async def test_updated_terms_reach_every_replica_and_survive_a_restart(
+    vendor: Vendor, upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    from tests.license.conftest import ADMIN
+
+    lid = "lic_terms"
+    a = await start_proxy(vendor.token(features=["asr"], upstream=upstream.url, license_id=lid))
+    b = await start_proxy(vendor.token(features=["asr"], upstream=upstream.url, license_id=lid))
+    newer = vendor.token(
+        features=["asr", "tts"],
+        limits={"max_gpus": 4},
+        upstream=upstream.url,
+        license_id=lid,
+        now=time.time() + 2,
+    )
+    async with httpx.AsyncClient() as c:
+        url = f"{upstream.url}/v1/licenses/{lid}/token"
+        other = vendor.token(license_id="lic_someone_else")
+        assert (await c.put(url, json={"token": other}, headers=ADMIN)).status_code == 422
+        forged = vendor.token(license_id=lid, key=generate_private_key())
+        assert (await c.put(url, json={"token": forged}, headers=ADMIN)).status_code == 422
+        assert (await c.put(url, json={"token": newer}, headers=ADMIN)).status_code == 200
+    for p in (a, b):
+        answer = await eventually(p.license, lambda x: x["features"] == ["asr", "tts"])
+        assert answer["limits"]["max_gpus"] == 4 and answer["state"] == "valid"
+    await a.stop()
+    await upstream.stop()
+    await a.restart()  # the configured key is the old one; the renewal is kept in Redis
+    assert (await a.license())["features"] == ["asr", "tts"]

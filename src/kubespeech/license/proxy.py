@@ -91,6 +91,7 @@ class SharedState:
     last_error: str = ""
     revoked: bool = False
     revoked_message: str = ""
+    renewed_token: str = ""  # updated terms the license server delivered at a check-in
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> SharedState:
@@ -109,6 +110,7 @@ class SharedState:
             last_error=data.get("last_error", ""),
             revoked=data.get("revoked") == "1",
             revoked_message=data.get("revoked_message", ""),
+            renewed_token=data.get("renewed_token", ""),
         )
 
 
@@ -257,6 +259,29 @@ class LicenseProxy:
             raise TokenError("no_public_key", "The vendor public key cannot be read.") from exc
         return token.strip(), public_key
 
+    def _consider_renewal(self, token: str) -> bool:
+        """Adopt updated terms from the license server: same license, validly signed, issued later."""
+        current = self.claims
+        if current is None or self._public_key is None or token.strip() == self.token:
+            return False
+        try:
+            claims = verify_signature(token, self._public_key)
+        except TokenError as exc:
+            log.warning("license server sent an unusable license key; ignored", extra={"reason": exc.reason})
+            return False
+        if claims.lid != current.lid or claims.iat <= current.iat:
+            return False
+        self.token, self.claims = token.strip(), claims
+        log.info(
+            "license terms updated by the license server",
+            extra={
+                "license_id": claims.lid,
+                "fingerprint": token_fingerprint(token),
+                "expires_at": iso(claims.exp),
+            },
+        )
+        return True
+
     def request_reload(self) -> None:
         """Called from a SIGHUP handler: reload at the next watcher tick (soon, not in the handler)."""
         self._reload_requested = True
@@ -316,7 +341,10 @@ class LicenseProxy:
             last_error=stored.last_error if stored.last_fail >= mine.last_fail else mine.last_error,
             revoked=stored.revoked if newer_ok else mine.revoked,
             revoked_message=stored.revoked_message if newer_ok else mine.revoked_message,
+            renewed_token=stored.renewed_token or mine.renewed_token,
         )
+        if self.shared.renewed_token:
+            self._consider_renewal(self.shared.renewed_token)
 
     def _set_store_ok(self, ok: bool) -> None:
         if ok != self.store_ok:
@@ -495,6 +523,7 @@ class LicenseProxy:
         """One check-in with the upstream; records the outcome in the shared state. True on contact."""
         if self.claims is None or self.token is None or self.claims.checkin.mode == "offline":
             return True
+        lid = self.claims.lid  # a reload may swap the claims while this awaits the upstream
         now = time.time()
         url = self.upstream_url()
         try:
@@ -502,7 +531,7 @@ class LicenseProxy:
                 raise UpstreamError("no_upstream")
             data = await self._post(
                 f"{url}/v1/checkin",
-                {"license_id": self.claims.lid, "instance": self.instance_id, "proxy_version": VERSION},
+                {"license_id": lid, "instance": self.instance_id, "proxy_version": VERSION},
             )
             status = data.get("status")
             if status not in ("active", "revoked"):
@@ -515,6 +544,11 @@ class LicenseProxy:
                 extra={"reason": exc.reason, "grace_deadline": self.evaluate(now).get("grace_deadline")},
             )
             return False
+        renewed = data.get("token")
+        if isinstance(renewed, str) and self._consider_renewal(renewed):
+            self.shared.renewed_token = renewed
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.hset(self.keys.state(lid), "renewed_token", renewed)
         revoked = status == "revoked"
         message = str(data.get("message") or "")[:200]
         self._c_checkins.labels("revoked" if revoked else "ok").inc()

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
   license_id TEXT, event_id TEXT, ts REAL, feature TEXT, model TEXT, audio_seconds REAL,
   characters INTEGER, status_code INTEGER, received_at REAL, PRIMARY KEY (license_id, event_id));
 CREATE TABLE IF NOT EXISTS export_keys (license_id TEXT PRIMARY KEY, installation_key TEXT);
+CREATE TABLE IF NOT EXISTS terms (license_id TEXT PRIMARY KEY, token TEXT, updated_at REAL);
 """
 
 
@@ -66,6 +67,10 @@ class CheckinRequest(BaseModel):
 class Revocation(BaseModel):
     license_id: str = Field(..., min_length=1, max_length=64)
     reason: str = Field("", max_length=200)
+
+
+class Terms(BaseModel):
+    token: str = Field(..., min_length=1, max_length=8192)
 
 
 class ApiError(Exception):
@@ -189,7 +194,12 @@ def create_server_app(server: LicenseServer) -> FastAPI:
         reason = server.revocation(claims.lid)
         if reason is not None:
             return {"status": "revoked", "message": reason, "server_time": iso(time.time())}
-        return {"status": "active", "server_time": iso(time.time())}
+        answer: dict[str, Any] = {"status": "active", "server_time": iso(time.time())}
+        row = server.db.execute("SELECT token FROM terms WHERE license_id = ?", (claims.lid,)).fetchone()
+        presented = (authorization or "")[7:].strip()
+        if row is not None and row[0] != presented:
+            answer["token"] = row[0]  # updated terms: the proxy adopts them if newer and validly signed
+        return answer
 
     @app.post("/v1/usage")
     async def usage(body: UsageBatch, authorization: Auth = None) -> dict[str, int]:
@@ -219,6 +229,20 @@ def create_server_app(server: LicenseServer) -> FastAPI:
             raise ApiError(422, "INVALID_EXPORT", "The file was signed by a different installation key.")
         accepted, duplicates = server.ingest(claims.lid, events)
         return {"license_id": claims.lid, "accepted": accepted, "duplicates": duplicates}
+
+    @app.put("/v1/licenses/{license_id}/token")
+    async def set_terms(license_id: str, body: Terms, _: Admin) -> dict[str, str]:
+        """Deliver updated terms (a newer license key for the same license) at the next check-in."""
+        try:
+            claims = verify_signature(body.token, server.public_key)
+        except TokenError as exc:
+            raise ApiError(422, "INVALID_LICENSE", f"The license key is not valid ({exc.reason}).") from exc
+        if claims.lid != license_id:
+            raise ApiError(422, "LICENSE_MISMATCH", "The license key belongs to another license.")
+        server.db.execute(
+            "INSERT OR REPLACE INTO terms VALUES (?, ?, ?)", (license_id, body.token.strip(), time.time())
+        )
+        return {"license_id": license_id, "status": "updated", "expires_at": iso(claims.exp) or ""}
 
     @app.get("/v1/revocations")
     async def revocations() -> dict[str, list[str]]:
