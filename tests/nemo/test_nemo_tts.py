@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -117,3 +120,39 @@ def test_streaming_yields_one_chunk_per_sentence(engine: NemoTtsEngine) -> None:
 def test_long_sentences_are_cut_at_spaces() -> None:
     pieces = split_sentences("word " * 100, max_chars=50)
     assert all(len(p) <= 50 for p in pieces) and " ".join(pieces) == ("word " * 100).strip()
+
+
+def test_text_is_normalized_when_nemo_text_processing_is_installed(
+    tts_models: TtsModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nemo_text_processing (pynini, 650 MB) is not installed here: a minimal stand-in with its interface
+    # checks that the engine finds it, builds it for the voice's language and calls it before tokenizing.
+    package = tmp_path / "nemo_text_processing" / "text_normalization"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "normalize.py").write_text(
+        "class Normalizer:\n"
+        "    def __init__(self, input_case, lang):\n"
+        "        assert (input_case, lang) == ('cased', 'en')\n"
+        "    def normalize(self, text, punct_post_process=False):\n"
+        "        return text.replace('5', 'five')\n"
+    )
+    plain = NemoTtsEngine(model_path=str(tts_models.directory), warmup=False)
+    plain.load()
+    unread = plain.synthesize_batch([TtsRequest(text="5")])[0]
+    # The character tokenizer drops the digit: only the padding spaces around it are spoken.
+    assert (
+        isinstance(unread, TtsResult) and len(unread.audio) == token_count(plain, "") * FRAMES_PER_TOKEN * HOP
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        normalizing = NemoTtsEngine(model_path=str(tts_models.directory), warmup=False)
+        normalizing.load()
+    finally:  # later engines in this session must not find the stand-in
+        for name in [m for m in sys.modules if m.startswith("nemo_text_processing")]:
+            del sys.modules[name]
+    assert normalizing.describe()["text_normalization"] is True
+    result = normalizing.synthesize_batch([TtsRequest(text="5")])[0]
+    assert isinstance(result, TtsResult)
+    assert len(result.audio) == token_count(normalizing, "five") * FRAMES_PER_TOKEN * HOP
