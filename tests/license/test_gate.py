@@ -215,3 +215,20 @@ async def test_revoked_license_is_invalid_at_the_gate(
             await asyncio.sleep(0.05)
     finally:
         await gate.aclose()
+
+
+async def test_cached_answer_is_not_used_past_the_license_expiry(
+    vendor: Vendor, start_proxy: StartProxy
+) -> None:
+    p = await start_proxy(vendor.token(mode="offline", expires_in=2.5), clock_skew_s=0)
+    gate = LicenseGate(p.url, cache_ttl_s=0.1, timeout_s=0.3)
+    try:
+        await gate.check("asr")
+        exp = (await p.license())["expires_at_unix"]
+        await p.stop()
+        await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
+        with pytest.raises(LicenseExpiredError) as info:
+            await gate.check("asr")
+        assert info.value.details["reason"] == "expired"
+    finally:
+        await gate.aclose()

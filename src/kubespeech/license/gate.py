@@ -142,24 +142,24 @@ class LicenseGate:
         return self._cached, "proxy" if self._last_error is None else "cache"
 
     async def _usable(self) -> dict[str, Any]:
-        data, source = await self._current()
+        data, _source = await self._current()
         if data is None:
             raise LicenseUnavailableError(
                 "The license proxy cannot be reached; try again shortly.", retry_after=self.cache_ttl_s
             )
-        now = time.time()
         state = str(data.get("state"))
-        expires_at = data.get("expires_at_unix")
-        if state in USABLE_STATES and isinstance(expires_at, int | float) and now >= expires_at:
-            state = "expired"
-        if state in USABLE_STATES and source == "cache":
-            serve_until = data.get("serve_until_unix")
-            if isinstance(serve_until, int | float) and now >= serve_until:
-                raise LicenseExpiredError(
-                    "The license could not be confirmed before the end of its grace period.",
-                    expires_at=_iso(serve_until),
-                    reason="grace_expired",
-                )
+        serve_until = data.get("serve_until_unix")
+        if state in USABLE_STATES and isinstance(serve_until, int | float) and time.time() >= serve_until:
+            # The answer has outlived what the proxy allowed (expiry or grace deadline) and no newer one
+            # could be fetched: refuse, as the proxy itself would.
+            ended_by_grace = state == "grace" or serve_until < float(data.get("expires_at_unix") or 0)
+            raise LicenseExpiredError(
+                "The license could not be confirmed before the end of its grace period."
+                if ended_by_grace
+                else "The license has expired.",
+                expires_at=_iso(serve_until) if ended_by_grace else data.get("expires_at"),
+                reason="grace_expired" if ended_by_grace else "expired",
+            )
         if state == "expired":
             grace_ended = data.get("reason") == "grace_expired"
             exp = data.get("grace_deadline") if grace_ended else data.get("expires_at")

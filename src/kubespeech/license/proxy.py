@@ -418,7 +418,8 @@ class LicenseProxy:
             grace_deadline=None,
             grace_deadline_unix=None,
             grace_seconds_remaining=None,
-            serve_until_unix=c.exp,
+            # Until when a cached copy of this answer may be acted on (the API gate's fallback).
+            serve_until_unix=c.exp + self.settings.clock_skew_s,
             dev=c.kid == dev_keys.DEV_KEY_ID,
         )
         try:
@@ -442,7 +443,7 @@ class LicenseProxy:
         grace = self.grace_seconds()
         anchor = self.shared.last_ok or self.shared.first_seen or t
         deadline = min(anchor + grace, float(c.exp))
-        answer["serve_until_unix"] = deadline
+        answer["serve_until_unix"] = min(anchor + grace, c.exp + self.settings.clock_skew_s)
         # Valid while the latest check-in (by any replica) succeeded and is recent enough; a replica that
         # restarts after a long outage must not trust an old success.
         recent = self.shared.last_ok and t - self.shared.last_ok <= 2 * self.settings.checkin_interval_s + (
