@@ -190,6 +190,21 @@ def test_model_path_may_be_a_cache_directory_and_errors_are_clear(ctc_model: Pat
         NemoAsrEngine(model_path=str(ctc_model), device="cuda").load()
 
 
+def test_options_as_a_speech_deployment_writes_them(ctc_model: Path) -> None:
+    # engineOptions in a SpeechDeployment are camelCase; `decoding` is merged into the model's own config.
+    engine = load_engine(
+        EngineSpec(task="asr", engine="nemo", model_path=str(ctc_model),
+                   options={"maxBatchAudioS": 4, "wordTimestamps": False, "decoding": {"strategy": "greedy_batch"}})
+    )  # fmt: skip
+    engine.load()
+    assert engine.max_batch_audio_s == 4.0 and engine.describe()["decoding"] == "greedy_batch"
+    assert engine.describe()["word_timestamps"] is False
+    results = engine.transcribe_batch([AsrRequest(audio=noise(1.0)), AsrRequest(audio=noise(1.2))])
+    assert all(isinstance(r, AsrResult) for r in results)
+    with pytest.raises(EngineError, match="decoding option"):
+        NemoAsrEngine(model_path=str(ctc_model), decoding={"strategy": "no-such-strategy"}).load()
+
+
 class _nothing:  # noqa: N801 - a stand-in context manager when the GPU exists
     def __enter__(self) -> None:
         return None

@@ -12,8 +12,10 @@ NeMo and torch are imported when the engine loads, never when kubespeech is impo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+import re
 import threading
 import time
 from collections import Counter
@@ -63,6 +65,23 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def engine_options(configure: Any, options: dict[str, Any], label: str) -> dict[str, Any]:
+    """Engine options as ``configure`` takes them: camelCase keys (as written in a SpeechDeployment) become
+    snake_case, and unknown keys are an InvalidInput naming them and the known ones."""
+    known = [name for name in inspect.signature(configure).parameters if name != "self"]
+    converted, unknown = {}, []
+    for key, value in options.items():
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+        if name not in known:
+            unknown.append(key)
+        converted[name] = value
+    if unknown:
+        raise InvalidInput(
+            f"unknown {label} engine options: {', '.join(sorted(unknown))}; known: {', '.join(known)}"
+        )
+    return converted
+
+
 def gpu_memory(device: str) -> dict[str, float] | None:
     """Memory the process holds on ``device`` (MiB), or None on CPU."""
     if not device.startswith("cuda"):
@@ -99,15 +118,37 @@ class NemoAsrEngine:
     this many seconds; default: no split), ``max_audio_s`` (longest accepted clip), ``language`` (reported
     language), ``warmup`` (run one pass at load; default true), ``cpu_threads`` (torch threads on CPU), and
     the streaming knobs ``stream_chunk_s``, ``stream_max_segment_s``, ``stream_silence_s``,
-    ``stream_silence_rms``.
+    ``stream_silence_rms``, and ``decoding`` (merged into the model's decoding config, e.g.
+    ``{"strategy": "greedy_batch"}``). camelCase keys are accepted.
     """
 
     name = "nemo"
 
-    def __init__(
+    def __init__(self, model_path: str | None = None, device: str = "cpu", **options: Any) -> None:
+        if not model_path:
+            raise InvalidInput(
+                "the nemo engine needs model_path: a local .nemo file or a directory holding one"
+                " (see `kubespeech model fetch`)"
+            )
+        self.model_path = str(model_path)
+        self.device = device or "cpu"
+        self._configure(**engine_options(self._configure, options, "nemo ASR"))
+        self.sample_rate = 16000
+        self.model: Any = None
+        self.model_file = self.model_path
+        self.kind = "unknown"
+        self.timestamps_supported = False
+        self.load_seconds = 0.0
+        # Batch size of each encoder forward pass of the most recent transcribe_batch call, and since load.
+        self.last_batch_sizes: list[int] = []
+        self.batch_size_counts: Counter[int] = Counter()
+        self._recording: list[int] | None = None
+        self._lock = threading.Lock()
+        self._window_stride = 0.01
+        self._subsampling = 1
+
+    def _configure(
         self,
-        model_path: str | None = None,
-        device: str = "cpu",
         *,
         precision: str = "auto",
         word_timestamps: bool = True,
@@ -120,17 +161,9 @@ class NemoAsrEngine:
         stream_max_segment_s: float = 15.0,
         stream_silence_s: float = 0.6,
         stream_silence_rms: float = 0.01,
-        **options: Any,
+        decoding: dict[str, Any] | None = None,
     ) -> None:
-        if not model_path:
-            raise InvalidInput(
-                "the nemo engine needs model_path: a local .nemo file or a directory holding one"
-                " (see `kubespeech model fetch`)"
-            )
-        if options:
-            raise InvalidInput(f"unknown nemo ASR engine options: {', '.join(sorted(options))}")
-        self.model_path = str(model_path)
-        self.device = device or "cpu"
+        self.decoding_option = dict(decoding) if decoding else None
         self.precision_option = precision
         self.precision = "fp32"
         self.word_timestamps_option = bool(word_timestamps)
@@ -145,19 +178,6 @@ class NemoAsrEngine:
             "silence_s": float(stream_silence_s),
             "silence_rms": float(stream_silence_rms),
         }
-        self.sample_rate = 16000
-        self.model: Any = None
-        self.model_file = self.model_path
-        self.kind = "unknown"
-        self.timestamps_supported = False
-        self.load_seconds = 0.0
-        # Batch size of each encoder forward pass of the most recent transcribe_batch call, and since load.
-        self.last_batch_sizes: list[int] = []
-        self.batch_size_counts: Counter[int] = Counter()
-        self._recording: list[int] | None = None
-        self._lock = threading.Lock()
-        self._window_stride = 0.01
-        self._subsampling = 1
 
     # ----- load -----------------------------------------------------------------------------------
 
@@ -189,6 +209,8 @@ class NemoAsrEngine:
         encoder = getattr(model, "encoder", None)
         if encoder is not None:
             encoder.register_forward_hook(self._on_encoder_forward, with_kwargs=True)
+        if self.decoding_option:
+            self._apply_decoding(self.decoding_option)
         if self.word_timestamps_option:
             self.timestamps_supported = self._enable_timestamps()
         if self.warmup:
@@ -205,6 +227,22 @@ class NemoAsrEngine:
                 "timestamps": self.timestamps_supported,
             },
         )
+
+    def _apply_decoding(self, overrides: dict[str, Any]) -> None:
+        """Merge the ``decoding`` option (e.g. ``{"strategy": "greedy_batch"}``) into the model's decoding."""
+        from omegaconf import OmegaConf, open_dict
+
+        try:
+            decoding = self.model.cfg.decoding
+            with open_dict(decoding):
+                merged = OmegaConf.merge(decoding, OmegaConf.create(overrides))
+            self.model.change_decoding_strategy(merged, verbose=False)
+            with open_dict(self.model.cfg):
+                self.model.cfg.decoding = merged
+        except Exception as exc:
+            raise EngineError(
+                f"decoding option {overrides} rejected by the model: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _enable_timestamps(self) -> bool:
         """Ask the decoder for token/word offsets once, instead of rebuilding decoding on every batch."""
@@ -403,6 +441,7 @@ class NemoAsrEngine:
             "sample_rate": self.sample_rate,
             "languages": [self.language],
             "word_timestamps": self.timestamps_supported,
+            "decoding": str(self.model.cfg.decoding.get("strategy", "")) if self.model is not None else None,
             "streaming": True,
             "load_seconds": round(self.load_seconds, 3),
         }

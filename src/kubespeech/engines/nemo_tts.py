@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kubespeech.engines.base import Audio, TtsRequest, TtsResult, VoiceInfo
-from kubespeech.engines.nemo_asr import gpu_memory, resolve_precision
+from kubespeech.engines.nemo_asr import engine_options, gpu_memory, resolve_precision
 from kubespeech.errors import EmptyInput, EngineError, InvalidInput, TextTooLong, UnknownVoice
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,34 @@ class NemoTtsEngine:
     in index order), ``default_voice``, ``language``, ``precision`` (auto|fp32|fp16|bf16; autocast on CUDA),
     ``normalize_text`` (default true), ``max_text_chars``, ``output_sample_rate`` (resample the output),
     ``stream_max_chars`` and ``stream_batch`` (sentence chunks per batch after the first), ``warmup``,
-    ``cpu_threads`` (torch threads on CPU).
+    ``cpu_threads`` (torch threads on CPU). camelCase keys are accepted.
     """
 
     name = "nemo"
 
-    def __init__(
+    def __init__(self, model_path: str | None = None, device: str = "cpu", **options: Any) -> None:
+        if not model_path:
+            raise InvalidInput(
+                "the nemo TTS engine needs model_path: a spectrogram generator .nemo (e.g. FastPitch) or a"
+                " directory holding it and its vocoder"
+            )
+        self.model_path = str(model_path)
+        self.device = device or "cpu"
+        self.precision = "fp32"
+        self._configure(**engine_options(self._configure, options, "nemo TTS"))
+        self.sample_rate = self.output_sample_rate or 22050
+        self.native_sample_rate = 22050
+        self.spec_gen: Any = None
+        self.vocoder: Any = None
+        self.normalizer: Any = None
+        self.hop_length = 256
+        self.speakers: dict[str, int] = {}
+        self.load_seconds = 0.0
+        self.last_batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def _configure(
         self,
-        model_path: str | None = None,
-        device: str = "cpu",
         *,
         vocoder_path: str | None = None,
         voices: dict[str, int] | list[str] | None = None,
@@ -93,23 +112,12 @@ class NemoTtsEngine:
         stream_batch: int = 4,
         warmup: bool = True,
         cpu_threads: int | None = None,
-        **options: Any,
     ) -> None:
-        if not model_path:
-            raise InvalidInput(
-                "the nemo TTS engine needs model_path: a spectrogram generator .nemo (e.g. FastPitch) or a"
-                " directory holding it and its vocoder"
-            )
-        if options:
-            raise InvalidInput(f"unknown nemo TTS engine options: {', '.join(sorted(options))}")
-        self.model_path = str(model_path)
         self.vocoder_path = str(vocoder_path) if vocoder_path else None
-        self.device = device or "cpu"
         self.voice_option = voices
         self.default_voice = default_voice
         self.language = language
         self.precision_option = precision
-        self.precision = "fp32"
         self.normalize_text = bool(normalize_text)
         self.max_text_chars = int(max_text_chars)
         self.output_sample_rate = int(output_sample_rate) if output_sample_rate else None
@@ -117,16 +125,6 @@ class NemoTtsEngine:
         self.stream_batch = max(int(stream_batch), 1)
         self.warmup = bool(warmup)
         self.cpu_threads = int(cpu_threads) if cpu_threads else None
-        self.sample_rate = self.output_sample_rate or 22050
-        self.native_sample_rate = 22050
-        self.spec_gen: Any = None
-        self.vocoder: Any = None
-        self.normalizer: Any = None
-        self.hop_length = 256
-        self.speakers: dict[str, int] = {}
-        self.load_seconds = 0.0
-        self.last_batch_sizes: list[int] = []
-        self._lock = threading.Lock()
 
     # ----- load -----------------------------------------------------------------------------------
 
