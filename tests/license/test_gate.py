@@ -232,3 +232,20 @@ async def test_cached_answer_is_not_used_past_the_license_expiry(
         assert info.value.details["reason"] == "expired"
     finally:
         await gate.aclose()
+
+
+async def test_stream_limit_fails_open_when_redis_is_down(vendor: Vendor, start_proxy: StartProxy) -> None:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    p = await start_proxy(vendor.token(mode="offline", limits={"max_concurrent_streams": 1}))
+    dead = Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    gate = LicenseGate(p.url, redis=dead)
+    try:
+        # Redis down takes the API down anyway; licensing does not add a second refusal on top.
+        leases = [await gate.acquire_stream(), await gate.acquire_stream()]
+        for lease in leases:
+            await lease.release()
+    finally:
+        await gate.aclose()
+        await dead.aclose()
