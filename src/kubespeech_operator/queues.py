@@ -33,7 +33,7 @@ UNREACHABLE_NOTE = "queue depth unknown: the operator cannot reach this stack's 
 class _Connection:
     url: str
     password: str | None
-    client: Redis
+    client: Redis | None  # None while Redis is considered unreachable (no idle pool kept for it)
     retry_after: float = 0.0
 
 
@@ -75,35 +75,45 @@ class QueueDepthReader:
         except ApiError as exc:
             return {}, f"queue depth unknown: cannot read the Redis password Secret ({exc.status})"
         connection = self._connections.get(key)
-        if connection is None or (connection.url, connection.password) != (url, password):
-            if connection is not None:
-                await connection.client.aclose()
+        if connection is not None and (connection.url, connection.password) != (url, password):
+            await self._close(connection)
+            connection = None
+        if connection is not None and time.monotonic() < connection.retry_after:
+            return {}, UNREACHABLE_NOTE
+        if connection is None or connection.client is None:
             # Every field given explicitly: the operator's own environment must not leak into it.
             settings = RedisSettings(
                 url=url, password=password, password_file=None, key_prefix=spec.redis.key_prefix
             )
             connection = _Connection(url, password, connect(settings, max_connections=2))
             self._connections[key] = connection
-        if time.monotonic() < connection.retry_after:
-            return {}, UNREACHABLE_NOTE
+        client = connection.client
+        assert client is not None
         keys = Keys(spec.redis.key_prefix)
         try:
             async with asyncio.timeout(self.timeout_s):
                 depths = {}
                 for model in models:
-                    depth = await queue_depth(connection.client, keys, model)
+                    depth = await queue_depth(client, keys, model)
                     depths[model] = depth.waiting
                 return depths, None
         except Exception as exc:  # any Redis failure only means "depth unknown"
             logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
+            await self._close(connection)
             connection.retry_after = time.monotonic() + self.retry_unreachable_s
             return {}, UNREACHABLE_NOTE
+
+    @staticmethod
+    async def _close(connection: _Connection) -> None:
+        if connection.client is not None:
+            with contextlib.suppress(Exception):
+                await connection.client.aclose()
+            connection.client = None
 
     async def forget(self, namespace: str, name: str) -> None:
         connection = self._connections.pop((namespace, name), None)
         if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.client.aclose()
+            await self._close(connection)
 
     async def aclose(self) -> None:
         for namespace, name in list(self._connections):

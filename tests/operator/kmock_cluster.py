@@ -8,113 +8,24 @@ ignored fails them), set ``uid`` and ``generation`` themselves, and check ownerR
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import kmock
-import yaml
 
 from kubespeech_operator.builders import CHILD_KINDS
+from kubespeech_operator.fakecluster import (
+    SD_RESOURCE,
+    Emulator,
+    declare_resources,
+    resource_key,
+    write_kubeconfig,
+)
 
-SD_RESOURCE = "kubespeech.io/v1alpha1/speechdeployments"
+__all__ = ["SD_RESOURCE", "Emulator", "declare_resources", "write_kubeconfig"]
+
 SD_PATH = "/apis/kubespeech.io/v1alpha1/namespaces/{namespace}/speechdeployments"
-ALL_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
-
-
-def resource_key(api_version: str, plural: str) -> str:
-    return f"{api_version}/{plural}"
-
-
-class Emulator(kmock.KubernetesEmulator):
-    """KMock plus two things every API server does and kopf relies on.
-
-    A new ``resourceVersion`` on every write: kopf waits (``consistency_timeout``) for a version newer
-    than its own last patch before handling an object again, and KMock's versions never move otherwise.
-    Names for ``generateName`` creations (kopf's Events): KMock would key them all under ``None``.
-    """
-
-    _counter = itertools.count(1000)
-
-    async def _handle(self, request: kmock.Request) -> Any:
-        if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
-            version = str(next(self._counter))
-            data = request.data
-            if isinstance(data, dict):
-                meta = data.setdefault("metadata", {})
-                if (
-                    request.action == kmock.action.CREATE
-                    and not meta.get("name")
-                    and meta.get("generateName")
-                ):
-                    meta["name"] = f"{meta['generateName']}{version}"
-                meta["resourceVersion"] = version
-            elif isinstance(data, list):  # a JSON patch: tests first, then move the version on
-                self._check_json_patch_tests(request, data)
-                data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
-        return await super()._handle(request)
-
-    def _check_json_patch_tests(self, request: kmock.Request, ops: list[Any]) -> None:
-        # A failed "test" op is 422 on a real API server (kopf then retries on the next cycle); KMock's
-        # jsonpatch exception would surface as a 500 that kopf retries as a server error.
-        key = (request.resource, request.namespace, request.name)
-        stored = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
-        current = ((stored.raw if stored is not None else {}).get("metadata") or {}).get("resourceVersion")
-        for op in ops:
-            if (
-                op.get("op") == "test"
-                and op.get("path") == "/metadata/resourceVersion"
-                and op.get("value") != current
-            ):
-                raise kmock.KubernetesError(
-                    status=422, reason="Invalid", message="resourceVersion test failed"
-                )
-
-
-def declare_resources(server: kmock.KubernetesEmulator, *, monitoring: bool = False) -> None:
-    """Declare every kind the operator touches; kopf waits forever for undeclared namespaces or CRDs."""
-    server.resources["v1/namespaces"] = kmock.ResourceInfo(
-        kind="Namespace", singular="namespace", namespaced=False, verbs={"get", "list", "watch"}
-    )
-    server.resources[SD_RESOURCE] = kmock.ResourceInfo(
-        kind="SpeechDeployment",
-        singular="speechdeployment",
-        namespaced=True,
-        verbs=ALL_VERBS,
-        shortnames={"sd", "speech"},
-        categories={"kubespeech"},
-        subresources={"status"},
-    )
-    for api_version, kind, plural in CHILD_KINDS:
-        if api_version.startswith("monitoring.coreos.com") and not monitoring:
-            continue
-        server.resources[resource_key(api_version, plural)] = kmock.ResourceInfo(
-            kind=kind, singular=kind.lower(), namespaced=True, verbs=ALL_VERBS, subresources={"status"}
-        )
-    server.resources["v1/pods"] = kmock.ResourceInfo(
-        kind="Pod", singular="pod", namespaced=True, verbs=ALL_VERBS
-    )
-    server.resources["v1/events"] = kmock.ResourceInfo(
-        kind="Event", singular="event", namespaced=True, verbs={"create", "list"}
-    )
-
-
-def write_kubeconfig(path: Path, server_url: str) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "kmock",
-                "clusters": [{"name": "kmock", "cluster": {"server": server_url}}],
-                "users": [{"name": "kmock", "user": {"token": "test-token"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-            }
-        )
-    )
-    return path
 
 
 def speech_deployment(
