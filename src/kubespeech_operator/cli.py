@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import signal
 import weakref
 from collections.abc import Collection, Iterator
@@ -14,6 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from kubespeech_operator.settings import OperatorSettings
+
+
+class _QuietResync(logging.Filter):
+    """Drops kopf's "Timer 'resync' succeeded." line: one per object per interval says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timer 'resync' succeeded")
+
 
 _IN_OPERATOR: contextvars.ContextVar[bool] = contextvars.ContextVar("kubespeech_in_operator", default=False)
 
@@ -124,6 +133,8 @@ def operator(
         overrides["log_level"] = log_level
     settings = OperatorSettings(**overrides)  # type: ignore[arg-type]
     setup_logging(settings.log_level, json=settings.log_format == "json")
+    if settings.log_level.upper() != "DEBUG":
+        logging.getLogger("kopf.objects").addFilter(_QuietResync())
 
     async def main() -> None:
         stop = asyncio.Event()

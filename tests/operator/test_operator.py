@@ -350,3 +350,27 @@ async def test_queue_depth_unknown_when_redis_is_unreachable(
     assert all(
         "queue depth unknown" in p["message"] or "pods ready" in p["message"] for p in obj["status"]["pools"]
     )
+
+
+async def test_autoscaled_pool_replicas_belong_to_the_autoscaler(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    spec = cpu_spec()
+    spec["asr"]["pools"][0]["autoscaling"] = {"enabled": True, "minReplicas": 1, "maxReplicas": 5}
+    await create_license(cluster)
+    await create_sd(cluster, "auto", spec)
+    path = f"/apis/apps/v1/namespaces/{NS}/deployments"
+    await wait_for(lambda: get_object(cluster.api, "apps/v1", "deployments", NS, "auto-asr-cpu"), what="pool")
+    await patch(cluster, f"{path}/auto-asr-cpu", {"spec": {"replicas": 4}})  # what the autoscaler does
+    await patch(cluster, f"{path}/auto-tts-cpu", {"spec": {"replicas": 4}})  # a hand edit of a fixed pool
+    await wait_for(
+        lambda: (
+            get_object(cluster.api, "apps/v1", "deployments", NS, "auto-tts-cpu")["spec"]["replicas"] == 1
+        ),
+        what="fixed pool restored",
+    )
+    await asyncio.sleep(1.0)  # two more resync ticks
+    assert get_object(cluster.api, "apps/v1", "deployments", NS, "auto-asr-cpu")["spec"]["replicas"] == 4
+    await wait_for(
+        lambda: sd(cluster, "auto")["status"]["asrReplicas"] == "0/4", what="desired from the live object"
+    )
