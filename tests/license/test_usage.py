@@ -47,6 +47,21 @@ async def test_recorder_writes_metadata_only_into_a_bounded_stream(redis_client:
     assert float(await redis_client.get(keys.audio_seconds_day())) == pytest.approx(12.0)
 
 
+async def test_buffered_recorder_writes_one_batch_per_interval_and_flushes_on_close(
+    redis_client: Redis, prefix: str
+) -> None:
+    recorder = UsageRecorder(redis_client, prefix, flush_interval_s=0.2, flush_max_events=1000)
+    keys = LicenseKeys(prefix)
+    await _record(recorder, 7)
+    assert await redis_client.xlen(keys.usage_stream) == 0, "a buffered recorder wrote per request"
+    await eventually(lambda: redis_client.xlen(keys.usage_stream), lambda n: n == 7, timeout=5)
+    assert int(await redis_client.get(keys.usage_added)) == 7
+    assert float(await redis_client.get(keys.audio_seconds_day())) == pytest.approx(10.5)
+    await _record(recorder, 3, start=7)
+    await recorder.aclose()
+    assert await redis_client.xlen(keys.usage_stream) == 10, "aclose did not flush the buffer"
+
+
 async def test_recorder_sanitises_what_it_is_given(redis_client: Redis, prefix: str) -> None:
     recorder = UsageRecorder(redis_client, prefix)
     await recorder.record(

@@ -31,18 +31,28 @@ def _license_parts(settings: ApiSettings, redis: Redis) -> tuple[Any, Any]:
     from kubespeech.license.usage import UsageRecorder
 
     gate = LicenseGate(settings.license_proxy_url, redis=redis, key_prefix=settings.redis.key_prefix)
-    return gate, UsageRecorder(redis, settings.redis.key_prefix)
+    return gate, UsageRecorder(
+        redis, settings.redis.key_prefix, flush_interval_s=settings.usage_flush_interval_s
+    )
 
 
-async def _refresh_loop(state: AppState) -> None:
-    """Keep models, live-worker counts and keys current so requests never look them up themselves."""
+async def _refresh_loop(state: AppState, stop: asyncio.Event) -> None:
+    """Keep models, live-worker counts and keys current so requests never look them up themselves.
+
+    Ends on ``stop`` rather than on cancellation alone: redis-py can swallow a cancel that lands in the
+    middle of a command (redis/redis-py#2028), which would leave shutdown waiting forever.
+    """
     interval = state.settings.refresh_interval_s
-    while True:
-        await state.registry.refresh()
+    while not stop.is_set():
+        try:
+            await state.registry.refresh()
+        except Exception as exc:
+            log.warning("model registry refresh failed", extra={"error": str(exc)})
         state.keys.reload()
         for name, count in state.registry.live.items():
             metrics.LIVE_WORKERS.labels(name).set(count)
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 def build_state(settings: ApiSettings, redis: Redis | None = None) -> AppState:
@@ -72,13 +82,15 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
         if state.keys.count == 0 and not settings.allow_anonymous:
             log.warning("no API keys configured: every request will be refused with 401")
         await state.registry.refresh()
-        refresher = asyncio.create_task(_refresh_loop(state), name="api-refresh")
+        stop = asyncio.Event()
+        refresher = asyncio.create_task(_refresh_loop(state, stop), name="api-refresh")
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            stop.set()
+            _, pending = await asyncio.wait([refresher], timeout=5)
+            for task in pending:
+                task.cancel()
             await state.service.drain()
             if hasattr(state.license_gate, "aclose"):
                 await state.license_gate.aclose()

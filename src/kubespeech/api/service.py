@@ -137,6 +137,16 @@ class SpeechService:
         """Meter a finished request without making the client wait for the Redis write."""
         if self.usage is None:
             return
+        if hasattr(self.usage, "enqueue"):
+            # Buffered recorder: no I/O here; it writes a batch per flush interval.
+            self.usage.enqueue(
+                feature=feature,
+                model=model,
+                audio_seconds=audio_seconds,
+                characters=characters,
+                status_code=status,
+            )
+            return
         task = asyncio.create_task(
             self.usage.record(
                 feature=feature,
@@ -153,6 +163,8 @@ class SpeechService:
         """Wait for pending usage writes (on shutdown)."""
         if self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        if hasattr(self.usage, "aclose"):
+            await self.usage.aclose()
 
     async def _call(self, model: ModelInfo, meta: dict[str, Any], payload: bytes) -> Result:
         try:

@@ -90,6 +90,11 @@ class ApiSettings(BaseSettings):
         False, description="Serve requests without a key when no key is configured (local experiments only)."
     )
     models_file: Path | None = Field(None, description="JSON list of served models written by the operator.")
+    usage_flush_interval_s: float = Field(
+        0.05,
+        ge=0,
+        description="Usage events are written to Redis in one batch per interval (0: per request).",
+    )
     license_proxy_url: str | None = Field(
         None, description="License proxy base URL; unset allows everything."
     )
