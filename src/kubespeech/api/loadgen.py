@@ -92,7 +92,7 @@ def prepare(
     raise ValueError(f"unknown surface {surface!r}; one of {', '.join(SURFACES)}")
 
 
-class _Connection:
+class HttpConnection:
     """One keep-alive HTTP/1.1 connection."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -168,12 +168,12 @@ async def measure(
         f"{req.method} {req.path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {api_key}\r\n"
         f"Content-Type: {req.content_type}\r\nContent-Length: {len(req.body)}\r\n\r\n"
     ).encode()
-    conns = [_Connection(host, port) for _ in range(concurrency)]
+    conns = [HttpConnection(host, port) for _ in range(concurrency)]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     remaining = requests
 
-    async def client(conn: _Connection, record: bool, budget: list[int]) -> None:
+    async def client(conn: HttpConnection, record: bool, budget: list[int]) -> None:
         while budget[0] > 0:
             budget[0] -= 1
             t0 = time.perf_counter()

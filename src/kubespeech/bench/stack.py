@@ -191,7 +191,7 @@ class BenchStack:
 
 async def protocol_overhead(seconds: float, concurrencies: tuple[int, ...]) -> dict[str, Any]:
     """No-op engine through API → Redis → worker → API with a 64 kB body, beside a bare FastAPI route."""
-    import aiohttp
+    from kubespeech.api.loadgen import HttpConnection
 
     stack = BenchStack(
         workers=[{"task": "asr", "model": "noop", "engine": "noop", "max_batch_size": 64}],
@@ -200,33 +200,43 @@ async def protocol_overhead(seconds: float, concurrencies: tuple[int, ...]) -> d
     stack.start()
     try:
         body = wav_bytes(np.zeros(32000 - 22, dtype=np.float32), 16000)  # 64 kB on the wire
-        headers = {"Authorization": f"Bearer {stack.key}", "Content-Type": "audio/wav"}
+        host = f"127.0.0.1:{stack.port}"
+        stt_head = (
+            f"POST /waves/v1/stt/?model=noop HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {stack.key}\r\n"
+            f"Content-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        bare_head = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         rows = []
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        for c in concurrencies:
+            # A raw keep-alive HTTP/1.1 client per simulated caller: the client's own cost stays in microseconds.
+            conns = [HttpConnection("127.0.0.1", stack.port) for _ in range(c)]
+            pool = list(conns)
 
-            async def stt() -> bool:
-                async with session.post(
-                    f"{stack.url}/waves/v1/stt/?model=noop", data=body, headers=headers
-                ) as r:
-                    await r.read()
-                    return r.status == 200
+            def requester(
+                head: bytes, payload: bytes, pool: list[HttpConnection] = pool
+            ) -> Callable[[], Awaitable[bool]]:
+                async def one() -> bool:
+                    conn = pool.pop()
+                    try:
+                        status, _ = await conn.request(head, payload)
+                    finally:
+                        pool.append(conn)
+                    return status == 200
 
-            async def bare() -> bool:
-                async with session.get(f"{stack.url}/health") as r:
-                    await r.read()
-                    return r.status == 200
+                return one
 
+            stt = requester(stt_head, body)
             assert await stt(), "the no-op STT request failed; see " + str(stack.dir / "logs")
-            for c in concurrencies:
-                rows.append((await run_load("noop-stt-64kB", stt, c, seconds)).row())
-                rows.append((await run_load("bare-fastapi-health", bare, c, seconds)).row())
-            pids = stack.pids()
-            memory = {
-                "api_rss_mb": round(rss_mb(pids["api"]), 1),
-                "noop_worker_rss_mb": round(rss_mb(pids["worker-noop"]), 1),
-            }
-            memory["together_mb"] = round(memory["api_rss_mb"] + memory["noop_worker_rss_mb"], 1)
+            rows.append((await run_load("noop-stt-64kB", stt, c, seconds)).row())
+            rows.append((await run_load("bare-fastapi-health", requester(bare_head, b""), c, seconds)).row())
+            for conn in conns:
+                await conn.close()
+        pids = stack.pids()
+        memory = {
+            "api_rss_mb": round(rss_mb(pids["api"]), 1),
+            "noop_worker_rss_mb": round(rss_mb(pids["worker-noop"]), 1),
+        }
+        memory["together_mb"] = round(memory["api_rss_mb"] + memory["noop_worker_rss_mb"], 1)
         return {"load": rows, "memory": memory}
     finally:
         stack.stop()

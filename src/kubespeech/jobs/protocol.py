@@ -418,19 +418,41 @@ class JobConsumer:
     async def publish(self, results: list[tuple[Job, Result]]) -> list[bool]:
         """Publish each result once (NX marker), then XACK+XDEL the entry; True where this call delivered."""
         ttl_ms = int(self.settings.result_ttl_s * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job, result in results:
-                await self._publish(
-                    keys=[
-                        self.queue,
-                        self.keys.reply(job.job_id),
-                        self.keys.done(job.job_id),
-                        job.payload_key or self.keys.payload(job.job_id),
-                    ],
-                    args=[GROUP, job.entry_id, result.encode(), ttl_ms],
-                    client=pipe,
-                )
-            out = await pipe.execute()
+        calls = [
+            (
+                self.queue,
+                self.keys.reply(job.job_id),
+                self.keys.done(job.job_id),
+                job.payload_key or self.keys.payload(job.job_id),
+                GROUP,
+                job.entry_id,
+                result.encode(),
+                ttl_ms,
+            )
+            for job, result in results
+        ]
+        out: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            # EVALSHA straight into the pipeline: redis-py's script registration would add a SCRIPT EXISTS
+            # round trip to every batch. A NOSCRIPT (Redis restarted) loads it and redoes those calls only;
+            # publishing is idempotent (NX marker, XACK, XDEL).
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    pipe.evalsha(self._publish.sha, 4, *calls[i])
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    out[i] = reply
+            if not missing:
+                break
+            self._publish.sha = await self.redis.script_load(_PUBLISH_LUA)
+            todo = missing
         return [bool(x) for x in out]
 
     async def dead_letter(self, job: Job, reason: str) -> None:

@@ -232,14 +232,21 @@ class Worker:
     async def _run_engine(self, jobs: list[Job]) -> list[tuple[Job, Result]]:
         assert self.consumer is not None
         labels = self.metrics.labels
-        keep_alive = asyncio.create_task(self._keep_alive(jobs))
+        loop = asyncio.get_running_loop()
+        keep_alive: list[asyncio.Task[None]] = []
+        # Only a batch that outlives a third of the visibility timeout needs its entries kept claimed; a
+        # timer (not a task per batch) keeps the common, short batch cheap.
+        timer = loop.call_later(
+            max(self.queue_settings.visibility_timeout_s / 3, 0.05),
+            lambda: keep_alive.append(asyncio.create_task(self._keep_alive(jobs))),
+        )
         started = time.perf_counter()
         try:
-            outcomes: list[Outcome] = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.handler.run_batch, jobs
-            )
+            outcomes: list[Outcome] = await loop.run_in_executor(self._executor, self.handler.run_batch, jobs)
         finally:
-            keep_alive.cancel()
+            timer.cancel()
+            for task in keep_alive:
+                task.cancel()
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.labels(**labels).observe(len(jobs))
         self.metrics.processing.labels(**labels).observe(elapsed)
@@ -259,9 +266,9 @@ class Worker:
         assert self.consumer is not None
         interval = max(self.queue_settings.visibility_timeout_s / 3, 0.05)
         while True:
-            await asyncio.sleep(interval)
             with contextlib.suppress(*_REDIS_ERRORS):
                 await self.consumer.extend(jobs)
+            await asyncio.sleep(interval)
 
     async def _publish(self, results: list[tuple[Job, Result]]) -> None:
         assert self.consumer is not None
