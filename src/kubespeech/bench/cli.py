@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-SUITES = ("protocol", "engine", "operator", "gpu")
+SUITES = ("protocol", "engine", "surfaces", "operator", "gpu")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -63,6 +63,13 @@ def register(app: typer.Typer) -> None:
                 "\n== ~5 s utterance: whisper engine called directly vs through the stack (medians) =="
             )
             typer.echo(_table([res]))
+        if "surfaces" in suites:
+            res = asyncio.run(stack.api_surfaces())
+            results["surfaces"] = res
+            typer.echo(
+                "\n== API surfaces on CPU engines (2 s STT, one-sentence TTS); engine_ms = direct engine call =="
+            )
+            typer.echo(_table(res["rows"]))
         if "operator" in suites:
             from kubespeech_operator.bench import run_operator_bench
 

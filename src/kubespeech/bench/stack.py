@@ -308,3 +308,74 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores, {cpu}"
+
+
+async def api_surfaces(concurrencies: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
+    """Small STT (2 s of speech) and TTS (one sentence) requests through each surface on the CPU engines,
+    with the engine's own time for the same input beside them, so the API's overhead is visible."""
+    import soxr
+
+    from kubespeech.api.loadgen import SURFACES, measure, prepare
+    from kubespeech.engines.base import AsrRequest, TtsRequest
+    from kubespeech.engines.registry import EngineSpec, load_engine
+
+    sentence = "The quick brown fox jumps over the lazy dog."
+    tts = load_engine(EngineSpec(task="tts", engine="piper"))
+    tts.load()
+    (speech,) = tts.synthesize_batch([TtsRequest(text="Please call me back this afternoon.")])
+    audio16 = np.asarray(soxr.resample(speech.audio, speech.sample_rate, 16000), dtype=np.float32)
+    audio16 = np.pad(audio16, (0, max(0, 32000 - len(audio16))))[:32000]  # exactly 2 s
+    tts_direct = []
+    for _ in range(6):
+        t = time.perf_counter()
+        tts.synthesize_batch([TtsRequest(text=sentence)])
+        tts_direct.append(time.perf_counter() - t)
+    del tts
+    asr = load_engine(EngineSpec(task="asr", engine="whisper"))
+    asr.load()
+    asr_direct = []
+    for _ in range(6):
+        t = time.perf_counter()
+        asr.transcribe_batch([AsrRequest(audio=audio16, language="en")])
+        asr_direct.append(time.perf_counter() - t)
+    del asr
+    engine_ms = {
+        "stt": round(statistics.median(asr_direct[1:]) * 1000, 1),
+        "tts": round(statistics.median(tts_direct[1:]) * 1000, 1),
+    }
+
+    stack = BenchStack(
+        workers=[
+            {"task": "asr", "model": "whisper-tiny-en", "engine": "whisper", "max_batch_size": 8},
+            {"task": "tts", "model": "piper-joe", "engine": "piper", "max_batch_size": 8},
+        ],
+        models=[
+            {"name": "whisper-tiny-en", "task": "asr", "default": True, "aliases": []},
+            {"name": "piper-joe", "task": "tts", "default": True, "aliases": [], "voices": ["joe"]},
+        ],
+    )
+    stack.start()
+    rows = []
+    try:
+        wav = wav_bytes(audio16, 16000)
+        for surface in SURFACES:
+            kind = "stt" if surface.endswith("stt") else "tts"
+            req = prepare(surface, audio=wav, text=sentence)
+            for c in concurrencies:
+                res = await measure(stack.url, stack.key, surface, concurrency=c, requests=max(2 * c, 12),
+                                    warmup=2, prepared=req)  # fmt: skip
+                rows.append(
+                    {
+                        "surface": surface,
+                        "concurrency": c,
+                        "requests": res.requests,
+                        "errors": res.errors,
+                        "rps": round(res.rps, 2),
+                        "p50_ms": res.p50_ms,
+                        "p99_ms": res.p99_ms,
+                        "engine_ms": engine_ms[kind],
+                    }
+                )
+    finally:
+        stack.stop()
+    return {"rows": rows, "engine_direct_median_ms": engine_ms}
