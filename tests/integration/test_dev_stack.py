@@ -92,7 +92,9 @@ def test_tts_then_stt_round_trip_through_the_whole_stack(dev_stack: DevStack) ->
             tts = http.post("/waves/v1/tts", json={"text": sentence, "sample_rate": 16000})
             assert tts.status_code == 200, tts.text
             assert tts.headers["content-type"].startswith("audio/")
-            stt = http.post("/waves/v1/stt/?language=en", content=tts.content, headers={"Content-Type": "audio/wav"})
+            stt = http.post(
+                "/waves/v1/stt/?language=en", content=tts.content, headers={"Content-Type": "audio/wav"}
+            )
             assert stt.status_code == 200, stt.text
             hypotheses.append(stt.json()["transcription"])
     wer = jiwer.wer([_normalize(s) for s in SENTENCES], [_normalize(h) for h in hypotheses])
@@ -111,7 +113,7 @@ def test_sigterm_stops_every_process_it_started(dev_stack: DevStack) -> None:
     assert len(children) >= 5, [c.name() for c in children]  # redis, license proxy, 2 workers, api
     dev_stack.proc.send_signal(signal.SIGTERM)
     assert dev_stack.proc.wait(30) == 0
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"orphans left: {[p.pid for p in alive]}"
 
 
