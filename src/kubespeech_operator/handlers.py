@@ -13,7 +13,7 @@ import kopf
 
 from kubespeech_operator import conditions as cond
 from kubespeech_operator.errors import ReconcileError, retry_delay
-from kubespeech_operator.kube import KubeClient, load_connection_info
+from kubespeech_operator.kube import KubeClient, in_cluster_token_path, load_connection_info
 from kubespeech_operator.queues import QueueDepthReader
 from kubespeech_operator.reconciler import ReconcileOutcome, Reconciler
 from kubespeech_operator.settings import DOMAIN, FINALIZER, GROUP, PLURAL, VERSION, OperatorSettings
@@ -82,7 +82,9 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings)
-        kube = KubeClient.from_connection_info(load_connection_info(config.kubeconfig))
+        kube = KubeClient.from_connection_info(
+            load_connection_info(config.kubeconfig), token_path=in_cluster_token_path(config.kubeconfig)
+        )
         queues = QueueDepthReader(kube, timeout_s=config.redis_timeout_s)
         state["reconciler"] = Reconciler(
             kube, apply_concurrency=config.apply_concurrency, queue_reader=queues

@@ -147,6 +147,37 @@ def _ssl_context(info: kopf.ConnectionInfo, workdir: Path) -> ssl.SSLContext | b
     return context
 
 
+class FileTokenAuth(httpx.Auth):
+    """Bearer token re-read from a file: in-cluster service account tokens are rotated by the kubelet."""
+
+    def __init__(self, path: Path, refresh_s: float = 60.0) -> None:
+        self.path = path
+        self.refresh_s = refresh_s
+        self._token = ""
+        self._read_at = -refresh_s
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        if time.monotonic() - self._read_at >= self.refresh_s:
+            self._token = self.path.read_text().strip()
+            self._read_at = time.monotonic()
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        response = yield request
+        if response.status_code == 401:
+            # Rotated since the last read: read again once and retry.
+            self._token = self.path.read_text().strip()
+            self._read_at = time.monotonic()
+            request.headers["Authorization"] = f"Bearer {self._token}"
+            yield request
+
+
+def in_cluster_token_path(kubeconfig: str | os.PathLike[str] | None) -> Path | None:
+    """The service account token file when :func:`load_connection_info` would use it, else None."""
+    token_path = SERVICE_ACCOUNT_DIR / "token"
+    if kubeconfig is None and token_path.exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return token_path
+    return None
+
+
 @dataclass(frozen=True)
 class Resource:
     """A resource's REST coordinates."""
@@ -183,12 +214,17 @@ class KubeClient:
     _tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     @classmethod
-    def from_connection_info(cls, info: kopf.ConnectionInfo, *, timeout_s: float = 15.0) -> KubeClient:
+    def from_connection_info(
+        cls, info: kopf.ConnectionInfo, *, timeout_s: float = 15.0, token_path: Path | None = None
+    ) -> KubeClient:
+        """A client for ``info``; ``token_path``: re-read the bearer token from there (rotated tokens)."""
         tmpdir = tempfile.TemporaryDirectory(prefix="kubespeech-kube-")
         verify = _ssl_context(info, Path(tmpdir.name))
         headers = {"Accept": "application/json", "User-Agent": "kubespeech-operator"}
-        auth: httpx.BasicAuth | None = None
-        if info.token:
+        auth: httpx.Auth | None = None
+        if token_path is not None:
+            auth = FileTokenAuth(token_path)
+        elif info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
             auth = httpx.BasicAuth(info.username, info.password)

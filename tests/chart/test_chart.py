@@ -178,3 +178,18 @@ def test_chart_crd_is_the_canonical_one_and_is_kept_on_uninstall() -> None:
     assert chart_crd["spec"] == canonical["spec"]
     rendered = [d for d in render("--include-crds") if d["kind"] == "CustomResourceDefinition"]
     assert [d["metadata"]["name"] for d in rendered] == ["speechdeployments.kubespeech.io"]
+
+
+def test_operator_env_matches_the_operator_settings() -> None:
+    """Every KUBESPEECH_OPERATOR_* variable the chart sets is a setting the operator reads."""
+    from kubespeech_operator.settings import OperatorSettings
+
+    fields = {f"KUBESPEECH_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
+    for values in CI_VALUES:
+        deployment = next(d for d in render("-f", str(values)) if d["kind"] == "Deployment")
+        names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert {n for n in names if n.startswith("KUBESPEECH_OPERATOR_")} <= fields, values.name
+        OperatorSettings.model_validate(
+            {e["name"].removeprefix("KUBESPEECH_OPERATOR_").lower(): e["value"]
+             for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        )  # fmt: skip

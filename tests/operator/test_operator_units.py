@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -154,3 +155,35 @@ def test_resource_paths() -> None:
     assert (
         Resource("kubespeech.io/v1alpha1", "speechdeployments").path("n", "x", "status").endswith("/x/status")
     )
+
+
+async def test_rotated_service_account_token_is_reread(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from kubespeech_operator.kube import FileTokenAuth
+
+    expected = {"token": "first"}
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {expected['token']}":
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        return web.json_response({"kind": "Namespace", "metadata": {"name": "ok"}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/ok", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", auth=FileTokenAuth(token, refresh_s=3600))
+    try:
+        assert (await client.get("/api/v1/namespaces/ok")).status_code == 200
+        token.write_text("second")
+        expected["token"] = "second"  # the kubelet rotated the token; the cached one is now refused
+        assert (await client.get("/api/v1/namespaces/ok")).status_code == 200
+    finally:
+        await client.aclose()
+        await runner.cleanup()
