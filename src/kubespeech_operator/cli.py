@@ -24,6 +24,14 @@ class _QuietResync(logging.Filter):
         return not record.getMessage().startswith("Timer 'resync' succeeded")
 
 
+class _DropKopfSettings(logging.Filter):
+    """kopf attaches its whole settings object to every per-object record; keep k8s_ref, drop that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("settings", None)
+        return True
+
+
 _IN_OPERATOR: contextvars.ContextVar[bool] = contextvars.ContextVar("kubespeech_in_operator", default=False)
 
 
@@ -133,8 +141,12 @@ def operator(
         overrides["log_level"] = log_level
     settings = OperatorSettings(**overrides)  # type: ignore[arg-type]
     setup_logging(settings.log_level, json=settings.log_format == "json")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKopfSettings())
     if settings.log_level.upper() != "DEBUG":
         logging.getLogger("kopf.objects").addFilter(_QuietResync())
+        # One line per API request is debugging detail; the reconciler logs what it changed.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     async def main() -> None:
         stop = asyncio.Event()

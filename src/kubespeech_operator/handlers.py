@@ -100,8 +100,12 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
     @kopf.on.update(*resource, id="reconcile", registry=registry)
-    async def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
+    async def reconcile(body: kopf.Body, retry: int, logger: kopf.Logger, **_: Any) -> None:
         outcome = await reconciler().reconcile(body)
+        if outcome.error is None:
+            logger.info("reconciled: %d created, %d patched, %d unchanged, %d skipped",
+                        outcome.count("created"), outcome.count("patched"), outcome.count("unchanged"),
+                        outcome.count("skipped"))  # fmt: skip
         _post_events(body, outcome)
         _raise_for_retry(outcome, retry)
 
