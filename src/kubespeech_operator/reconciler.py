@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubespeech_operator import builders, conditions, diffing, status
-from kubespeech_operator.builders.common import REDIS_PASSWORD_KEY, redis_secret_name
+from kubespeech_operator.builders.common import REDIS_PASSWORD_KEY, Context, redis_secret_name
 from kubespeech_operator.errors import InvalidSpecError, ReconcileError, from_api_error
 from kubespeech_operator.kube import ApiError, JsonObject, KubeClient, Resource
 from kubespeech_operator.models import SpecError, SpeechDeploymentSpec, parse_spec, validate_name
@@ -149,8 +149,9 @@ class Reconciler:
             children = builders.build_children(
                 name, namespace, spec, owner=owner_reference(body), redis_password=password
             )
+            names = Context(name=name, namespace=namespace, spec=spec)
             autoscaled = {
-                f"{name}-{task}-{pool.name}" for task, pool in spec.pools() if pool.autoscaling.enabled
+                names.pool_name(task, pool) for task, pool in spec.pools() if pool.autoscaling.enabled
             }
             outcome.children = await self._apply_all(children, autoscaled)
             observed = await self._observe(name, namespace, spec, outcome.children, password)
