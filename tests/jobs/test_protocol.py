@@ -232,8 +232,13 @@ async def test_call_recovers_when_redis_forgot_the_script(redis: Redis) -> None:
 async def test_a_cancelled_call_does_not_poison_the_connection_pool(redis: Redis) -> None:
     client = JobClient(redis, SETTINGS)
     worker = JobConsumer(redis, "m", "w1", SETTINGS)
+    await worker.ensure_group()
     waiting = asyncio.create_task(client.call("m", {"n": "abandoned"}, timeout_s=10))
-    await asyncio.sleep(0.1)
+    for _ in range(500):  # cancel only once the caller is blocked on its reply, with its job queued
+        if await redis.xlen(Keys().queue("m")) == 1:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
