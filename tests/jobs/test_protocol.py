@@ -253,3 +253,25 @@ async def test_a_cancelled_call_does_not_poison_the_connection_pool(redis: Redis
     results = [await client.call("m", {"n": "next"}, timeout_s=5)]
     await server
     assert [r.header["n"] for r in results] == ["next"]
+
+
+async def test_a_result_later_than_the_client_socket_timeout_still_arrives(server: RedisServer) -> None:
+    # redis-py 8 gives every connection a 5 s socket timeout; a job's wait must follow its own deadline.
+    server.flush()
+    short = Redis.from_url(server.url, socket_timeout=0.3)
+    try:
+        client = JobClient(short, SETTINGS)
+        worker = JobConsumer(short, "m", "w1", SETTINGS)
+        await worker.ensure_group()
+
+        async def slow_worker() -> None:
+            (job,) = await worker.read_batch(1, 0, 200)
+            await asyncio.sleep(0.8)
+            await worker.publish([(job, Result(header={"late": True}))])
+
+        serving = asyncio.create_task(slow_worker())
+        result = await client.call("m", {}, timeout_s=10)
+        await serving
+        assert result.header == {"late": True}
+    finally:
+        await short.aclose()

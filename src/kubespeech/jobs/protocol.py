@@ -291,7 +291,13 @@ class JobClient:
                 if isinstance(enqueued, int):
                     await conn.read_response(disable_decoding=True)  # the wake-up the script pushed
                     raise self._queue_full(model, enqueued)
-                popped = await conn.read_response(disable_decoding=True)
+                # The client's socket timeout (redis-py's default is 5 s) would cut a long BLPOP short:
+                # read with the job's own deadline plus a margin for Redis to answer nil.
+                popped = await conn.read_response(disable_decoding=True, timeout=timeout + 5.0)
+                if popped is None:
+                    # Either Redis answered nil or our read gave up first; only a fresh connection is
+                    # certainly clean, and this happens only on a missed deadline.
+                    await conn.disconnect()
             except (RedisConnectionError, OSError):
                 # A pooled connection that went stale fails on send; the job id is reused, so even a
                 # job that did get queued before the failure is answered once (the result marker is per id).
