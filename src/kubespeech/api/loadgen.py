@@ -101,11 +101,22 @@ class HttpConnection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, head: bytes, body: bytes) -> tuple[int, int]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        for attempt in range(2):
+            fresh = self.writer is None
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None and self.writer is not None
+            try:
+                self.writer.write(head + body)
+                status_line = await self.reader.readline()
+            except ConnectionError:
+                status_line = b""
+            if status_line or fresh or attempt:
+                break
+            # The server closed this idle keep-alive connection (uvicorn does after 5 s): reconnect once,
+            # as any HTTP client pool does with a stale connection.
+            await self.close()
         assert self.reader is not None
-        self.writer.write(head + body)
-        status_line = await self.reader.readline()
         status = int(status_line.split(b" ", 2)[1])
         length = 0
         close = False
