@@ -100,6 +100,15 @@ class Supervisor:
         )
         self.children.append(child)
 
+    def start_redis(self, data_dir: Path) -> str:
+        """Start a throwaway redis-server (no persistence) on a free loopback port; returns its URL."""
+        port = _free_port()
+        args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(data_dir)]  # fmt: skip
+        self.start(Child("redis", args, ready_url=None))
+        _wait_tcp("127.0.0.1", port, 10)
+        return f"redis://127.0.0.1:{port}/0"
+
     def wait_ready(self, child: Child, timeout: float) -> None:
         until = time.monotonic() + timeout
         assert child.proc is not None
@@ -188,30 +197,9 @@ def run_dev(
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if redis_url is None:
-            redis_port = _free_port()
             redis_dir = runtime_dir / "redis"
             redis_dir.mkdir()
-            sup.start(
-                Child(
-                    "redis",
-                    [
-                        find_redis_server(),
-                        "--port",
-                        str(redis_port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(redis_dir),
-                    ],
-                    ready_url=None,
-                )
-            )
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
-            _wait_tcp("127.0.0.1", redis_port, 10)
+            redis_url = sup.start_redis(redis_dir)
         base_env["KUBESPEECH_REDIS_URL"] = redis_url
 
         proxy_url = None

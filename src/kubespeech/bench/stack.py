@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kubespeech.dev import Child, Supervisor, _free_port, _kubespeech, _wait_tcp, find_redis_server
+from kubespeech.dev import Child, Supervisor, _free_port, _kubespeech
 
 
 @dataclass
@@ -127,29 +127,9 @@ class BenchStack:
         self.worker_children: list[Child] = []
 
     def start(self) -> None:
-        redis_port = _free_port()
-        self.sup.start(
-            Child(
-                "redis",
-                [
-                    find_redis_server(),
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.dir),
-                ],
-                None,
-            )
-        )
-        _wait_tcp("127.0.0.1", redis_port, 10)
+        redis_url = self.sup.start_redis(self.dir)
         env = {
-            "KUBESPEECH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "KUBESPEECH_REDIS_URL": redis_url,
             "KUBESPEECH_LOG_LEVEL": "WARNING",
             "HF_HUB_OFFLINE": "1",
         }
