@@ -10,17 +10,9 @@ from typing import Any
 
 import typer
 
+from kubespeech.bench.report import table
+
 SUITES = ("protocol", "engine", "surfaces", "operator", "gpu")
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +46,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 "\n== No-op engine: API -> Redis -> worker -> API (64 kB body) vs bare FastAPI route =="
             )
-            typer.echo(_table(res["load"]))
+            typer.echo(table(res["load"]))
             typer.echo(f"memory: {res['memory']}")
         if "engine" in suites:
             res = asyncio.run(stack.engine_vs_stack())
@@ -62,14 +54,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 "\n== ~5 s utterance: whisper engine called directly vs through the stack (medians) =="
             )
-            typer.echo(_table([res]))
+            typer.echo(table([res]))
         if "surfaces" in suites:
             res = asyncio.run(stack.api_surfaces())
             results["surfaces"] = res
             typer.echo(
                 "\n== API surfaces on CPU engines (2 s STT, one-sentence TTS); engine_ms = direct engine call =="
             )
-            typer.echo(_table(res["rows"]))
+            typer.echo(table(res["rows"]))
         if "operator" in suites:
             from kubespeech_operator.bench import run_operator_bench
 

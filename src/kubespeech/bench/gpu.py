@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from kubespeech.bench.report import table
 from kubespeech.engines.base import AsrRequest, TtsRequest
 
 Echo = Callable[[str], None]
@@ -47,16 +48,6 @@ def gpu_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no NVIDIA GPU (torch.cuda.is_available() is False)"
     return True, str(torch.cuda.get_device_name(0))
-
-
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
 
 
 def speech_clips(count: int, seconds: float, sample_rate: int = 16000, seed: int = 0) -> list[np.ndarray]:
