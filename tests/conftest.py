@@ -15,6 +15,8 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from tests.envtest import ApiServer, BinariesMissing, start_apiserver
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -80,3 +82,20 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(server.url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def apiserver() -> Iterator[ApiServer]:
+    """A real etcd + kube-apiserver (RBAC on) for the whole session; see tests/envtest.py.
+
+    Skipped, with the missing piece named, where the binaries cannot be found; with
+    KUBESPEECH_REQUIRE_APISERVER=1 (CI sets it) that is an error instead, so CI never passes by skipping.
+    """
+    try:
+        server = start_apiserver()
+    except BinariesMissing as exc:
+        if os.environ.get("KUBESPEECH_REQUIRE_APISERVER") == "1":
+            pytest.fail(f"KUBESPEECH_REQUIRE_APISERVER=1 but {exc}")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()

@@ -2,8 +2,9 @@
 
 The CRD's openAPIV3Schema is generated from these models (``kubespeech_operator.builders.crd``), so every
 field's docstring is what ``kubectl explain`` shows. Rules the API server checks with CEL are mirrored here
-as validators so that ``kubespeech render`` and the operator reject exactly what admission rejects; rules CEL
-cannot express cheaply (across pools and tasks) live only here, in :func:`parse_spec`.
+as validators so that ``kubespeech render`` and the operator reject exactly what admission rejects; rules
+across pools and tasks live only here, in :func:`parse_spec`, whose errors name the pool and the pool it
+conflicts with (a CEL rule could only name the list). The API server admits those; the operator reports them.
 """
 
 from __future__ import annotations
@@ -57,9 +58,18 @@ class SpecError(ValueError):
         self.message = message
 
 
-def cel(rule: str, message: str) -> JsonDict:
-    """One ``x-kubernetes-validations`` entry (the Python validator beside it enforces the same rule)."""
-    return {"rule": rule, "message": message}
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One ``x-kubernetes-validations`` entry (the Python validator beside it enforces the same rule).
+
+    ``field_path`` (relative, e.g. ``.minReplicas``) is where the API server reports a violation, so that
+    admission names the same field as the Python validator. A rule on an object that has a default must
+    guard every field it reads with ``has()``: the API server evaluates it on the default as written
+    (``{}``), before nested defaults fill it in, and refuses the CRD when that evaluation fails.
+    """
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
 
 
 Quantity = Annotated[
@@ -197,7 +207,11 @@ class EnvVar(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!(has(self.value) && has(self.valueFrom))", "set either value or valueFrom, not both")
+                cel(
+                    "!(has(self.value) && has(self.valueFrom))",
+                    "set either value or valueFrom, not both",
+                    ".valueFrom",
+                )
             ]
         }
     )
@@ -225,6 +239,7 @@ class Toleration(KubeModel):
                 cel(
                     "!(has(self.operator) && self.operator == 'Exists' && has(self.value) && self.value != '')",
                     "a toleration with operator Exists must not have a value",
+                    ".value",
                 )
             ]
         }
@@ -308,7 +323,11 @@ class IngressSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!self.enabled || has(self.host)", "an enabled ingress needs a host")
+                cel(
+                    "!has(self.enabled) || !self.enabled || has(self.host)",
+                    "an enabled ingress needs a host",
+                    ".host",
+                )
             ]
         }
     )
@@ -380,7 +399,11 @@ class EmbeddedRedisSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!self.image.endsWith(':latest')", "pin the image: :latest is refused")
+                cel(
+                    "!has(self.image) || !self.image.endsWith(':latest')",
+                    "pin the image: :latest is refused",
+                    ".image",
+                )
             ]
         }
     )
@@ -418,6 +441,7 @@ class ExternalRedisSpec(KubeModel):
                 cel(
                     "!has(self.tls) || !self.tls.enabled || self.url.startsWith('rediss://')",
                     "tls.enabled needs a rediss:// url",
+                    ".url",
                 )
             ]
         }
@@ -443,7 +467,11 @@ class RedisSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.mode != 'external' || has(self.external)", "mode external needs external.url")
+                cel(
+                    "!has(self.mode) || self.mode != 'external' || has(self.external)",
+                    "mode external needs external.url",
+                    ".external",
+                )
             ]
         }
     )
@@ -479,11 +507,16 @@ class ModelSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!(has(self.source) && has(self.path))", "set either source or path, not both"),
-                cel("!has(self.sha256) || has(self.source)", "sha256 checks a downloaded source: set source"),
+                cel("!(has(self.source) && has(self.path))", "set either source or path, not both", ".path"),
+                cel(
+                    "!has(self.sha256) || has(self.source)",
+                    "sha256 checks a downloaded source: set source",
+                    ".sha256",
+                ),
                 cel(
                     "!has(self.vocoder) || has(self.source)",
                     "a vocoder is fetched next to model.source: set source",
+                    ".vocoder",
                 ),
             ]
         }
@@ -561,10 +594,17 @@ class AutoscalingSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
                 cel(
-                    "!has(self.idleReplicas) || self.idleReplicas <= self.minReplicas",
+                    "!has(self.minReplicas) || !has(self.maxReplicas)"
+                    " || self.minReplicas <= self.maxReplicas",
+                    "minReplicas must not exceed maxReplicas",
+                    ".minReplicas",
+                ),
+                cel(
+                    "!has(self.idleReplicas) || !has(self.minReplicas)"
+                    " || self.idleReplicas <= self.minReplicas",
                     "idleReplicas must not exceed minReplicas",
+                    ".idleReplicas",
                 ),
             ]
         }
@@ -666,7 +706,11 @@ class AsrPoolSpec(PoolSpec):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!has(self.model) || !has(self.model.vocoder)", "a vocoder is for NeMo TTS pools only"),
+                cel(
+                    "!has(self.model) || !has(self.model.vocoder)",
+                    "a vocoder is for NeMo TTS pools only",
+                    ".model.vocoder",
+                ),
             ]
         }
     )
@@ -690,10 +734,12 @@ class TtsPoolSpec(PoolSpec):
                 cel(
                     "self.engine != 'piper' || !has(self.gpu) || self.gpu.count == 0",
                     "piper pools run on CPU: remove gpu",
+                    ".gpu.count",
                 ),
                 cel(
                     "self.engine == 'nemo' || !has(self.model) || !has(self.model.vocoder)",
                     "a vocoder is for NeMo TTS pools only",
+                    ".model.vocoder",
                 ),
             ]
         }
@@ -731,6 +777,7 @@ def _one_default(pools: list[Any]) -> list[Any]:
 _ONE_DEFAULT_RULE = cel(
     "!has(self.pools) || self.pools.filter(p, has(p.default) && p.default).size() <= 1",
     "at most one pool may be the default",
+    ".pools",
 )
 
 
@@ -828,7 +875,7 @@ class ImagesSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!has(self.tag) || self.tag != 'latest'", "pin a version: latest is refused")
+                cel("!has(self.tag) || self.tag != 'latest'", "pin a version: latest is refused", ".tag")
             ]
         }
     )

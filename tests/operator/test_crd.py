@@ -1,6 +1,9 @@
 """The SpeechDeployment CRD: generated file up to date, a valid structural schema, examples accepted, and a
 table of invalid specs rejected by the schema and CEL rules (evaluated with cel-python) and by the Python
 models alike, so `kubespeech render` and the operator refuse exactly what admission refuses.
+
+The emulator here is fast and runs without binaries; test_crd_apiserver.py runs the same tables through a
+real kube-apiserver, which is the reference (and checks that this emulator agrees with it case by case).
 """
 
 from __future__ import annotations
@@ -172,7 +175,13 @@ def _cel_program(rule: str) -> Callable[[Any], Any]:
 def rule_violations(node: dict[str, Any], value: Any, path: str = "") -> list[str]:
     errors = []
     for rule in node.get("x-kubernetes-validations", []):
-        if not bool(_cel_program(rule["rule"])(value)):
+        try:
+            passed = bool(_cel_program(rule["rule"])(value))
+        except celpy.CELEvalError as exc:
+            # The API server fails a rule whose evaluation fails, e.g. one reading a missing key.
+            errors.append(f"{path or '<root>'}: {rule['message']} ({exc.args[0]})")
+            continue
+        if not passed:
             errors.append(f"{path or '<root>'}: {rule['message']}")
     if node.get("x-kubernetes-list-type") == "map" and isinstance(value, list):
         keys = [tuple(item.get(key) for key in node["x-kubernetes-list-map-keys"]) for item in value]
@@ -299,8 +308,9 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     ("gpu on a piper pool", _set(f"{TTS0}.gpu", {"count": 1}), "spec.tts.pools[0].gpu.count"),
     (
+        # Not a second default pool as well: one broken rule per case.
         "duplicate pool names",
-        _set("spec.asr.pools", [WHISPER, {**WHISPER, "modelName": "other"}]),
+        _set("spec.asr.pools", [WHISPER, {**WHISPER, "modelName": "other", "default": False}]),
         "spec.asr.pools[1].name",
     ),
     (
@@ -422,8 +432,9 @@ def test_invalid_table_is_large_and_distinct() -> None:
     assert len({case[0] for case in INVALID}) == len(INVALID)
 
 
-# Rules only Python checks (across pools and tasks; CEL would be costly): the operator reports them as a
-# Degraded condition. The CRD accepts these; `render` and the operator refuse them with a field path.
+# Rules only Python checks (across pools and tasks, where the error names both pools): the operator reports
+# them as a Degraded condition. The CRD accepts these; `render` and the operator refuse them with a field
+# path. test_crd_apiserver.py checks that a real API server admits exactly these.
 PYTHON_ONLY: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "shared queue with another engine",
@@ -517,15 +528,57 @@ def test_status_schema_keeps_what_the_operator_writes() -> None:
     assert admission_errors(document), "the emulator must see undeclared status fields"
 
 
-def test_defaults_are_valid_on_their_own() -> None:
-    """The API server refuses a CRD whose defaults fail the schema (e.g. {} where fields are required)."""
-    for path, node in _walk(openapi()):
+def default_violations(schema: dict[str, Any]) -> list[str]:
+    """What the API server checks of every default when it admits the CRD: the default as written (nested
+    defaults are not applied first) against its node's schema and CEL rules; a rule that reads a key missing
+    from the default fails, as ``self.mode`` does on ``{}``."""
+    problems = []
+    for path, node in _walk(schema):
         if "default" not in node:
             continue
-        value = apply_defaults(node, copy.deepcopy(node["default"]))
-        errors = [error.message for error in jsonschema.Draft7Validator(_strict(node)).iter_errors(value)]
-        assert errors == [], path
-        assert rule_violations(node, value, path) == []
+        value = copy.deepcopy(node["default"])
+        validator = jsonschema.Draft7Validator(_strict(node))
+        problems += [f"{path}: {error.message}" for error in validator.iter_errors(value)]
+        problems += rule_violations(node, value, path)
+    return problems
+
+
+_HAS_GUARD = re.compile(r"!has\(self\.\w+\) \|\| ")
+
+
+def strip_has_guards(schema: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """A copy of ``schema`` whose rules on defaulted objects lose their ``!has(self.x) ||`` guards, and the
+    paths of the objects that had one (every one of them must then fail on its default ``{}``)."""
+    stripped = copy.deepcopy(schema)
+    guarded = set()
+    for path, node in _walk(stripped):
+        rules = node.get("x-kubernetes-validations", [])
+        if "default" in node and any(_HAS_GUARD.search(rule["rule"]) for rule in rules):
+            guarded.add(path)
+            for rule in rules:
+                rule["rule"] = _HAS_GUARD.sub("", rule["rule"])
+    return stripped, guarded
+
+
+def test_defaults_as_written_pass_schema_and_rules() -> None:
+    """The API server evaluates each rule on the default as written ({}), not on the defaulted object."""
+    assert default_violations(openapi()) == []
+
+
+def test_default_check_fails_rules_without_has_guards() -> None:
+    """Without its has() guards the CRD is what the API server refused: the check must fail every such rule."""
+    stripped, guarded = strip_has_guards(openapi())
+    assert {
+        ".spec.redis",
+        ".spec.redis.embedded",
+        ".spec.api.ingress",
+        ".spec.asr.pools[].autoscaling",
+    } <= guarded
+    failing = {problem.split(":", 1)[0] for problem in default_violations(stripped)}
+    assert failing == guarded
+    assert ".spec.redis: mode external needs external.url (no such member in mapping: 'mode')" in (
+        default_violations(stripped)
+    )
 
 
 def test_crd_fits_client_side_apply() -> None:
