@@ -49,6 +49,17 @@ class LicenseKeys:
         return f"{self.base}:state:{license_id}"
 
     @property
+    def verdict(self) -> str:
+        """Hash of the proxy's latest verdict on the license, for the operator's LicenseValid condition.
+
+        Fields: ``state`` (valid, grace, expired, revoked, invalid, missing), ``usable`` ("1"/"0"),
+        ``message``, ``updated_at_unix``, and when known ``reason``, ``license_id``, ``expires_at_unix``.
+        Rewritten every few seconds with a TTL (see :mod:`kubespeech.license.verdict`), so it vanishes
+        when no proxy is alive.
+        """
+        return f"{self.base}:verdict"
+
+    @property
     def export_key(self) -> str:
         """Private key of this installation that signs air-gapped usage exports."""
         return f"{self.base}:export_key"

@@ -47,6 +47,13 @@ from kubespeech.license.token import (
     verify_signature,
 )
 from kubespeech.license.usage import as_text, decode_event
+from kubespeech.license.verdict import (
+    VERDICT_INTERVAL_S,
+    VERDICT_TTL_S,
+    LicenseVerdict,
+    verdict_state,
+    write_verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +156,7 @@ class LicenseProxy:
         self._http = httpx.AsyncClient(timeout=settings.upstream_timeout_s)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake_checkin = asyncio.Event()
+        self._wake_verdict = asyncio.Event()
         self._reload_requested = False
         self._closing = False
         self._last_logged_state: str | None = None
@@ -310,6 +318,7 @@ class LicenseProxy:
                 self._reload_requested = False
                 log.info("reloading the license configuration")
                 self.load()
+                self._wake_verdict.set()
 
     # -- shared state ------------------------------------------------------------------------
 
@@ -578,11 +587,33 @@ class LicenseProxy:
         interval = self.settings.checkin_interval_s
         while not self._closing:
             ok = await self.checkin_once()
+            self._wake_verdict.set()  # a check-in can revoke, reinstate or renew the license
             # After a failure retry sooner, so service leaves grace soon after the upstream returns.
             delay = interval if ok else min(interval, max(1.0, interval / 4))
             self._wake_checkin.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_checkin.wait(), delay)
+
+    # -- the verdict the operator reads ------------------------------------------------------
+
+    async def publish_verdict(self) -> LicenseVerdict:
+        """Evaluate the license (with the replicas' shared state) and publish the verdict to Redis."""
+        await self._pull_shared()
+        verdict = LicenseVerdict.from_answer(self.evaluate())
+        try:
+            await write_verdict(self.redis, self.keys.prefix, verdict, ttl_s=VERDICT_TTL_S)
+        except (RedisError, OSError):
+            self._set_store_ok(False)
+        return verdict
+
+    async def _verdict_loop(self) -> None:
+        # Also on a timer: expiry and the end of grace happen without any event to wake this loop.
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_verdict.wait(), VERDICT_INTERVAL_S)
+            self._wake_verdict.clear()  # after the wait, so a wake during the publish below is not lost
+            if not self._closing:
+                await self.publish_verdict()
 
     # -- usage -------------------------------------------------------------------------------
 
@@ -674,10 +705,10 @@ class LicenseProxy:
         if self.claims is not None and self.claims.checkin.mode != "offline":
             # Answer correctly from the first request: one check-in before serving (bounded by its timeout).
             await self.checkin_once()
-            await self._pull_shared()
-        self.evaluate()
+        await self.publish_verdict()
         self._tasks = [
             asyncio.create_task(self._checkin_loop(), name="license-checkin"),
+            asyncio.create_task(self._verdict_loop(), name="license-verdict"),
             asyncio.create_task(self._usage_loop(), name="license-usage"),
             asyncio.create_task(self._watch_files(), name="license-reload"),
         ]
@@ -745,6 +776,19 @@ def create_proxy_app(
         proxy = proxy_of(request)
         answer = proxy.evaluate()
         return JSONResponse({"status": "ok", "license": answer["state"], "store": answer["store"]})
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        # Readiness is the license's usability: an expired or revoked license takes the proxy out of
+        # its Service. No Redis round trip here; the loops keep the shared state current.
+        answer = proxy_of(request).evaluate()
+        usable = bool(answer.get("usable"))
+        body = {
+            "ready": usable,
+            "license": verdict_state(answer["state"], answer.get("reason")),
+            "message": answer.get("message") or "",
+        }
+        return JSONResponse(body, status_code=200 if usable else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

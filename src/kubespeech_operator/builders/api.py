@@ -25,6 +25,9 @@ from kubespeech_operator.builders.common import (
 
 COMPONENT = "api"
 MODELS_FILE = "models.json"
+# The client API surfaces (Waves, legacy self-host, OpenAI). The operations routes (/health, /ready,
+# /metrics, /docs, /openapi.json) stay inside the cluster, so the Ingress names the surfaces, not "/".
+INGRESS_PATH_PREFIXES = ("/waves", "/api/v1", "/v1")
 
 
 def models_file_entries(ctx: Context) -> list[dict[str, Any]]:
@@ -184,10 +187,11 @@ def build_ingress(ctx: Context) -> Manifest | None:
                 "http": {
                     "paths": [
                         {
-                            "path": "/",
+                            "path": path,
                             "pathType": "Prefix",
                             "backend": {"service": {"name": ctx.api_name, "port": {"name": "http"}}},
                         }
+                        for path in INGRESS_PATH_PREFIXES
                     ]
                 },
             }

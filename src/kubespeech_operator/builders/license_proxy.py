@@ -62,8 +62,19 @@ def build_license_proxy_deployment(ctx: Context) -> Manifest:
         "ports": [{"name": "http", "containerPort": LICENSE_PROXY_PORT, "protocol": "TCP"}],
         "env": variables,
         "resources": resources(spec.license_proxy.resources, "license-proxy"),
-        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        # Ready only while the license is usable, so an expired or revoked license shows on the pod.
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
         "securityContext": container_security_context(spec),
         "volumeMounts": [*mounts, *redis_mounts],
     }
@@ -92,6 +103,9 @@ def build_license_proxy_service(ctx: Context) -> Manifest:
         "metadata": metadata(ctx, ctx.license_proxy_name, COMPONENT),
         "spec": {
             "type": "ClusterIP",
+            # Not-ready proxies (license unusable) must stay reachable: the API asks them why, and answers
+            # clients with the specific error; without an answer it would decide on its cached one.
+            "publishNotReadyAddresses": True,
             "selector": selector_labels(ctx, COMPONENT),
             "ports": [{"name": "http", "port": LICENSE_PROXY_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
