@@ -64,9 +64,9 @@ def find_binaries() -> tuple[Path, Path]:
     """(kube-apiserver, etcd), or BinariesMissing naming what is missing."""
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if assets:
-        apiserver, etcd = Path(assets) / "kube-apiserver", Path(assets) / "etcd"
-        if apiserver.exists() and etcd.exists():
-            return apiserver, etcd
+        in_assets = Path(assets) / "kube-apiserver", Path(assets) / "etcd"
+        if all(path.exists() for path in in_assets):
+            return in_assets
     apiserver = UNPACKED / "kube-apiserver"
     if not apiserver.exists():
         if not SHARED_APISERVER.exists():

@@ -74,6 +74,9 @@ async def run_operator(
         "clusterwide": not namespaces,
         "namespaces": namespaces,
         "standalone": True,
+        # Explicit: kopf's default identity calls getpass.getuser(), which raises for a uid without a
+        # passwd entry (the chart's 65532), and the pod would crash-loop.
+        "identity": settings.identity,
         "liveness_endpoint": settings.liveness_endpoint,
         "stop_flag": stop_flag,
         "ready_flag": ready_flag,

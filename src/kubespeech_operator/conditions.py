@@ -27,8 +27,10 @@ DEGRADED = "Degraded"
 what an admin must change. False: nothing known to be wrong."""
 
 LICENSE_VALID = "LicenseValid"
-"""True: the license Secret exists and the license proxy is ready (it refuses to become ready with an
-invalid or expired license). False: the Secret is missing or the proxy is not ready. Unknown: not checked."""
+"""True: the license proxy's verdict (published in the stack's Redis) says the license is usable, or, where
+the operator cannot reach Redis, the proxy is ready (it is ready only while the license is usable). False:
+the license Secret is missing, or the verdict says expired, revoked, invalid or missing (the reason names
+it: LicenseExpired, LicenseRevoked, LicenseInvalid, LicenseMissing). Unknown: no verdict yet."""
 
 MODELS_READY = "ModelsReady"
 """True: every model-cache fetch Job succeeded (or no model needs downloading). False: a fetch Job is

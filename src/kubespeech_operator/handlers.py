@@ -1,17 +1,22 @@
 """kopf handlers, kept thin: each hands the object to the Reconciler and maps its outcome to kopf's retries.
 
 ``build_registry(settings)`` returns a registry of its own (nothing is registered at import time), so
-tests run the operator with short intervals against a fake API server, in their own event loop.
+tests run the operator with short intervals against a real API server, in their own event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import kopf
 
 from kubespeech_operator import conditions as cond
+from kubespeech_operator.builders.common import MANAGED_BY
 from kubespeech_operator.errors import ReconcileError, retry_delay
 from kubespeech_operator.kube import KubeClient, in_cluster_token_path, load_connection_info
 from kubespeech_operator.queues import QueueDepthReader
@@ -65,14 +70,102 @@ def _raise_for_retry(outcome: ReconcileOutcome, retry: int) -> None:
     raise kopf.TemporaryError(error.message, delay=retry_delay(error, retry))
 
 
+def _owner_name(body: kopf.Body) -> str | None:
+    """The SpeechDeployment that controls a child, by its controller owner reference."""
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if (
+            ref.get("kind") == "SpeechDeployment"
+            and ref.get("controller")
+            and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/")
+        ):
+            return str(ref.get("name"))
+    return None
+
+
+class StatusFollower:
+    """Re-reconciles a SpeechDeployment shortly after one of its workloads changed (e.g. became ready).
+
+    Bursts of child events (a rollout emits several per pod) collapse into one reconcile per
+    ``debounce_s``; the reconciler's per-object lock keeps it from overlapping a running one.
+    """
+
+    def __init__(self, run: Callable[[tuple[str, str]], Awaitable[None]], debounce_s: float = 0.2) -> None:
+        self._run = run
+        self.debounce_s = debounce_s
+        self._pending: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule(self, key: tuple[str, str]) -> None:
+        if key in self._pending:
+            return
+        self._pending.add(key)
+        task = asyncio.create_task(self._later(key), name=f"status-follow {key[0]}/{key[1]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _later(self, key: tuple[str, str]) -> None:
+        await asyncio.sleep(self.debounce_s)
+        self._pending.discard(key)
+        try:
+            await self._run(key)
+        except Exception:  # a failed refresh is retried by the next event or the resync loop
+            logger.exception("status refresh of %s/%s failed", *key)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+
 def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
-    """Every handler of the operator, bound to one Reconciler created at startup."""
+    """Every handler of the operator, bound to one Reconciler created at startup.
+
+    No handler needs a finalizer (kopf's timers and daemons would add one, so the periodic resync is a
+    plain task over the SpeechDeployments the watch has seen): children go by their owner references, and
+    deleting a SpeechDeployment never waits for the operator to be running.
+    """
     registry = kopf.OperatorRegistry()
-    state: dict[str, Reconciler] = {}
+    state: dict[str, Any] = {}
     resource = (GROUP, VERSION, PLURAL)
+    # The latest body of every SpeechDeployment, from kopf's watch: what the resync loop reconciles.
+    known: dict[tuple[str, str], dict[str, Any]] = {}
 
     def reconciler() -> Reconciler:
         return state["reconciler"]
+
+    async def run_and_report(body: Mapping[str, Any], what: str) -> ReconcileOutcome:
+        outcome = await reconciler().reconcile(body)
+        changed = [c.ref for c in outcome.children if c.action in ("created", "patched", "pruned")]
+        if changed and outcome.error is None:
+            logger.info("%s of %s/%s changed %d children: %s", what, body["metadata"].get("namespace"),
+                        body["metadata"].get("name"), len(changed), ", ".join(changed[:12]))  # fmt: skip
+        with contextlib.suppress(LookupError):  # no event queue outside kopf's context (shutdown)
+            _post_events(kopf.Body(cast(kopf.RawBody, dict(body))), outcome)
+        if outcome.error is not None and not outcome.error.permanent:
+            logger.warning("%s failed, retrying: %s", what, outcome.error.message)
+        return outcome
+
+    async def refresh(key: tuple[str, str]) -> None:
+        body = known.get(key)
+        if body is not None and "reconciler" in state and not reconciler().kube.http.is_closed:
+            await run_and_report(body, "status refresh")
+
+    follower = StatusFollower(refresh)
+
+    async def resync_loop() -> None:
+        # Restores deleted or hand-edited children and refreshes the status (queue depth, pods); errors are
+        # reported in the status and retried at the next tick, never in a tight loop.
+        while True:
+            await asyncio.sleep(config.resync_interval_s)
+            for _key, body in list(known.items()):
+                if reconciler().kube.http.is_closed:
+                    return
+                try:
+                    await run_and_report(body, "resync")
+                except Exception:  # one object's failure must not stop the loop for the others
+                    logger.exception("resync of %s failed", _key)
+            state["resynced_at"] = time.monotonic()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -87,15 +180,33 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
         )
         queues = QueueDepthReader(kube, timeout_s=config.redis_timeout_s)
         state["reconciler"] = Reconciler(
-            kube, apply_concurrency=config.apply_concurrency, queue_reader=queues
+            kube,
+            apply_concurrency=config.apply_concurrency,
+            queue_reader=queues,
+            operator_namespace=config.pod_namespace or None,
         )
+        state["resync"] = asyncio.create_task(resync_loop(), name="resync")
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        # Timers may still be finishing: they see the closed client as "cluster unavailable" and stop.
+        if "resync" in state:
+            state["resync"].cancel()
+            await asyncio.wait([state["resync"]], timeout=5)
+        await follower.aclose()
         if "reconciler" in state:
             await state["reconciler"].queues.aclose()
             await state["reconciler"].kube.aclose()
+
+    @kopf.on.event(*resource, registry=registry)
+    async def track(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        key = (str(meta.get("namespace") or ""), str(meta.get("name")))
+        if event.get("type") == "DELETED":
+            known.pop(key, None)
+            if "reconciler" in state:
+                await reconciler().forget(*key)
+        else:
+            known[key] = {k: v for k, v in dict(body).items()}
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
@@ -103,35 +214,30 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     async def reconcile(body: kopf.Body, retry: int, logger: kopf.Logger, **_: Any) -> None:
         outcome = await reconciler().reconcile(body)
         if outcome.error is None:
-            logger.info("reconciled: %d created, %d patched, %d unchanged, %d skipped",
-                        outcome.count("created"), outcome.count("patched"), outcome.count("unchanged"),
-                        outcome.count("skipped"))  # fmt: skip
+            logger.info("reconciled: %d created, %d patched, %d pruned, %d unchanged, %d skipped",
+                        outcome.count("created"), outcome.count("patched"), outcome.count("pruned"),
+                        outcome.count("unchanged"), outcome.count("skipped"))  # fmt: skip
         _post_events(body, outcome)
         _raise_for_retry(outcome, retry)
 
-    @kopf.timer(*resource, id="resync", interval=config.resync_interval_s,
-                initial_delay=config.resync_interval_s, registry=registry)  # fmt: skip
-    async def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        # Restores deleted or hand-edited children and refreshes the status; errors are reported in the
-        # status and retried at the next tick, never in a tight loop.
-        if reconciler().kube.http.is_closed:
-            return
-        outcome = await reconciler().reconcile(body)
-        restored = outcome.count("created") + outcome.count("patched")
-        if restored and outcome.error is None:
-            logger.info("restored %d drifted children: %s", restored,
-                        ", ".join(c.ref for c in outcome.children if c.action in ("created", "patched")))  # fmt: skip
-        _post_events(body, outcome)
-        if outcome.error is not None and not outcome.error.permanent:
-            logger.warning("resync failed, retrying at the next tick: %s", outcome.error.message)
+    # Owned workloads: a readiness change reaches the status within a moment, not at the next resync.
+    owned = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
-    @kopf.on.delete(*resource, optional=True, registry=registry)
-    async def forget(name: str, namespace: str | None, **_: Any) -> None:
-        # Children go by owner references (garbage collection); only in-memory state is ours to drop.
-        await reconciler().forget(namespace or "", name)
+    @kopf.on.event("apps", "v1", "deployments", labels=owned, registry=registry)
+    @kopf.on.event("apps", "v1", "statefulsets", labels=owned, registry=registry)
+    async def child_changed(body: kopf.Body, **_: Any) -> None:
+        owner = _owner_name(body)
+        if owner is not None:
+            follower.schedule((str(body.get("metadata", {}).get("namespace") or ""), owner))
 
     @kopf.on.probe(id="reconciler", registry=registry)
     def probe(**_: Any) -> str:
-        return "ready" if "reconciler" in state else "starting"
+        if "reconciler" not in state:
+            return "starting"
+        task = state.get("resync")
+        if task is not None and task.done():
+            # The resync loop died: report it so the liveness probe restarts the pod.
+            raise RuntimeError("the resync loop stopped")
+        return "ready"
 
     return registry

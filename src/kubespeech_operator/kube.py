@@ -202,10 +202,11 @@ class Resource:
 
 @dataclass
 class KubeClient:
-    """Get, list, create, merge-patch and delete objects; discovery with a short cache.
+    """Get, list, server-side apply, merge-patch and delete objects; discovery with a short cache.
 
-    Only verbs with unambiguous semantics are used: POST to create and JSON merge patch
-    (``application/merge-patch+json``) to change, never PUT or server-side apply.
+    Children are written with server-side apply under one field manager, so fields that other managers own
+    (an autoscaler's ``replicas``, annotations added by others, server defaults) survive every reconcile;
+    status is written with JSON merge patch (``application/merge-patch+json``). Never PUT.
     """
 
     http: httpx.AsyncClient
@@ -303,6 +304,29 @@ class KubeClient:
             resource.path(namespace, name, subresource),
             json=patch,
             content_type="application/merge-patch+json",
+        )
+
+    async def apply(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        body: Mapping[str, Any],
+        *,
+        field_manager: str,
+        force: bool = True,
+    ) -> JsonObject:
+        """Server-side apply ``body`` as ``field_manager``: creates the object or updates the fields it sets.
+
+        Fields this manager applied before and ``body`` no longer sets are removed unless another manager
+        owns them too; ``force`` takes over fields someone else changed (a hand edit is reverted).
+        """
+        return await self._request(
+            "PATCH",
+            resource.path(namespace, name),
+            json=body,
+            params={"fieldManager": field_manager, "force": "true" if force else "false"},
+            content_type="application/apply-patch+yaml",
         )
 
     async def delete(self, resource: Resource, namespace: str | None, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Read each pool's queue depth from a stack's Redis for the status, within a small time budget.
+"""Read each pool's queue depth, and the license proxy's verdict, from a stack's Redis within a time budget.
 
 The operator may not reach Redis (it runs outside the cluster, or a NetworkPolicy is stricter than the
 chart's): then depths stay 0, the status says so, and Redis is not retried for a while, so a status
@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from kubespeech.config import RedisSettings
 from kubespeech.jobs import Keys, queue_depth
+from kubespeech.license.verdict import LicenseVerdict, read_verdict
 from kubespeech.redis_client import connect
 from kubespeech_operator.builders.common import REDIS_PORT
 from kubespeech_operator.kube import ApiError, KubeClient, Resource
@@ -27,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 SECRETS = Resource("v1", "secrets")
 UNREACHABLE_NOTE = "queue depth unknown: the operator cannot reach this stack's Redis"
+
+
+@dataclass
+class StackReading:
+    """What one status refresh read from a stack's Redis (``note`` says why something is missing)."""
+
+    depths: dict[str, int]
+    note: str | None = None
+    verdict: LicenseVerdict | None = None
+    reachable: bool = False
 
 
 @dataclass
@@ -63,23 +74,25 @@ class QueueDepthReader:
             return spec.redis.external.url
         return f"redis://{name}-redis.{namespace}.svc:{REDIS_PORT}/0"
 
-    async def depths(
+    async def read(
         self, name: str, namespace: str, spec: SpeechDeploymentSpec, *, embedded_password: str | None = None
-    ) -> tuple[dict[str, int], str | None]:
-        """Jobs waiting (not yet taken by a worker) per model name, and a note when they could not be read."""
+    ) -> StackReading:
+        """Jobs waiting (not yet taken by a worker) per model name, and the license proxy's verdict."""
         models = sorted({pool.queue_name for _, pool in spec.pools()})
         key = (namespace, name)
         url = self._url(name, namespace, spec)
         try:
             password = await self._password(namespace, spec, embedded_password)
         except ApiError as exc:
-            return {}, f"queue depth unknown: cannot read the Redis password Secret ({exc.status})"
+            return StackReading(
+                {}, f"queue depth unknown: cannot read the Redis password Secret ({exc.status})"
+            )
         connection = self._connections.get(key)
         if connection is not None and (connection.url, connection.password) != (url, password):
             await self._close(connection)
             connection = None
         if connection is not None and time.monotonic() < connection.retry_after:
-            return {}, UNREACHABLE_NOTE
+            return StackReading({}, UNREACHABLE_NOTE)
         if connection is None or connection.client is None:
             # Every field given explicitly: the operator's own environment must not leak into it.
             settings = RedisSettings(
@@ -96,12 +109,13 @@ class QueueDepthReader:
                 for model in models:
                     depth = await queue_depth(client, keys, model)
                     depths[model] = depth.waiting
-                return depths, None
+                verdict = await read_verdict(client, spec.redis.key_prefix)
+                return StackReading(depths, None, verdict, reachable=True)
         except Exception as exc:  # any Redis failure only means "depth unknown"
             logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
             await self._close(connection)
             connection.retry_after = time.monotonic() + self.retry_unreachable_s
-            return {}, UNREACHABLE_NOTE
+            return StackReading({}, UNREACHABLE_NOTE)
 
     @staticmethod
     async def _close(connection: _Connection) -> None:

@@ -1,7 +1,9 @@
-"""Reconcile one SpeechDeployment: parse → build → apply every child idempotently → observe → status.
+"""Reconcile one SpeechDeployment: parse → build → apply every child → prune → observe → status.
 
-A linear script (as prometheus-operator's): children whose input hash and content match are not
-written; a child that was deleted or hand-edited is restored; the status is written only when it changed.
+A linear script (as prometheus-operator's). The live children are listed by the stack's labels and owner
+reference; each desired child is written with server-side apply under the operator's field manager unless
+its input hash matches and no other manager touched it; a child that was deleted or hand-edited is
+restored; children that are no longer rendered are deleted; the status is written only when it changed.
 Errors are classified by type (``errors.py``) so the kopf handlers know whether to retry.
 """
 
@@ -17,8 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubespeech_operator import builders, conditions, diffing, status
-from kubespeech_operator.builders.common import REDIS_PASSWORD_KEY, Context, redis_secret_name
+from kubespeech_operator import builders, conditions, status
+from kubespeech_operator.builders.common import (
+    INPUT_HASH_ANNOTATION,
+    MANAGED_BY,
+    REDIS_PASSWORD_KEY,
+    Context,
+    redis_secret_name,
+)
 from kubespeech_operator.errors import InvalidSpecError, ReconcileError, from_api_error
 from kubespeech_operator.kube import ApiError, JsonObject, KubeClient, Resource
 from kubespeech_operator.models import SpecError, SpeechDeploymentSpec, parse_spec, validate_name
@@ -34,6 +42,14 @@ SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
 
 # Applied first: what workloads reference (a pod whose ServiceAccount or Secret is missing fails to start).
 FIRST_WAVE = {"ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "NetworkPolicy"}
+
+FIELD_MANAGER = "kubespeech-operator"
+"""Field manager of every child the operator applies."""
+AUTOSCALER_MANAGER = "kubespeech-autoscaler"
+"""Field manager that owns ``spec.replicas`` of autoscaled pools, so the operator's own apply omits it."""
+# Managers whose writes are not drift: the operator's own, and the control plane's bookkeeping (the
+# Deployment controller's revision annotation, status writers use the status subresource anyway).
+_OWN_MANAGERS = {FIELD_MANAGER, AUTOSCALER_MANAGER}
 
 
 @dataclass
@@ -73,6 +89,49 @@ def resource_of(manifest: Mapping[str, Any]) -> Resource:
     raise ReconcileError(f"no resource known for {key[1]} {key[0]} (missing from builders.CHILD_KINDS)")
 
 
+ChildKey = tuple[str, str, str]
+"""(apiVersion, kind, name) of a child."""
+
+
+def child_key(obj: Mapping[str, Any]) -> ChildKey:
+    return (str(obj.get("apiVersion")), str(obj.get("kind")), str((obj.get("metadata") or {}).get("name")))
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    """Whether ``obj`` names the SpeechDeployment with ``uid`` as its controller (never guess by name)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(
+        r.get("uid") == uid and r.get("kind") == "SpeechDeployment" and r.get("controller") for r in refs
+    )
+
+
+def touched_by_others(obj: Mapping[str, Any]) -> bool:
+    """Whether a field manager other than ours wrote the object's spec or data (a hand edit, kubectl scale...).
+
+    Status subresource writes do not count; neither does the Deployment controller's revision annotation.
+    """
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") in _OWN_MANAGERS or entry.get("subresource"):
+            continue
+        fields = dict(entry.get("fieldsV1") or {})
+        meta = dict(fields.pop("f:metadata", None) or {})
+        annotations = dict(meta.pop("f:annotations", None) or {})
+        annotations.pop("f:deployment.kubernetes.io/revision", None)
+        if fields or meta or annotations:
+            return True
+    return False
+
+
+def replicas_owner(obj: Mapping[str, Any], manager: str) -> bool:
+    """Whether ``manager`` owns ``spec.replicas`` of ``obj`` (per its managedFields)."""
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == manager and not entry.get("subresource"):
+            spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if "f:replicas" in spec:
+                return True
+    return False
+
+
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
@@ -94,8 +153,10 @@ class Reconciler:
         *,
         apply_concurrency: int = 8,
         queue_reader: QueueDepthReader | None = None,
+        operator_namespace: str | None = None,
     ) -> None:
         self.kube = kube
+        self.operator_namespace = operator_namespace
         self.apply_concurrency = apply_concurrency
         self.queues = queue_reader or QueueDepthReader(kube)
         # One reconcile at a time per object (the timer and an update handler may overlap); a lock lives
@@ -147,13 +208,19 @@ class Reconciler:
         try:
             password = await self._redis_password(name, namespace, spec)
             children = builders.build_children(
-                name, namespace, spec, owner=owner_reference(body), redis_password=password
+                name,
+                namespace,
+                spec,
+                owner=owner_reference(body),
+                redis_password=password,
+                operator_namespace=self.operator_namespace,
             )
             names = Context(name=name, namespace=namespace, spec=spec)
             autoscaled = {
                 names.pool_name(task, pool) for task, pool in spec.pools() if pool.autoscaling.enabled
             }
-            outcome.children = await self._apply_all(children, autoscaled)
+            uid = str((body.get("metadata") or {}).get("uid") or "")
+            outcome.children = await self._apply_all(name, namespace, uid, children, autoscaled)
             observed = await self._observe(name, namespace, spec, outcome.children, password)
         except ReconcileError as exc:
             outcome.error = exc
@@ -189,59 +256,145 @@ class Reconciler:
         return secrets.token_urlsafe(32)
 
     async def _apply_all(
-        self, children: Sequence[Mapping[str, Any]], autoscaled: set[str]
+        self,
+        name: str,
+        namespace: str,
+        uid: str,
+        children: Sequence[Mapping[str, Any]],
+        autoscaled: set[str],
     ) -> list[ChildResult]:
         monitoring = await self.kube.has_resource(SERVICE_MONITOR_API, "servicemonitors")
+        live = await self._owned_children(name, namespace, uid, monitoring=monitoring)
         semaphore = asyncio.Semaphore(self.apply_concurrency)
 
         async def apply(manifest: Mapping[str, Any]) -> ChildResult:
             if manifest.get("apiVersion") == SERVICE_MONITOR_API and not monitoring:
                 return ChildResult(manifest, "skipped")
             meta = manifest.get("metadata") or {}
-            keep_replicas = manifest.get("kind") == "Deployment" and meta.get("name") in autoscaled
+            autoscaled_pool = manifest.get("kind") == "Deployment" and meta.get("name") in autoscaled
             async with semaphore:
-                return await self._apply(manifest, keep_live_replicas=keep_replicas)
+                return await self._apply(manifest, live.get(child_key(manifest)), autoscaled=autoscaled_pool)
 
         first = [c for c in children if c.get("kind") in FIRST_WAVE]
         second = [c for c in children if c.get("kind") not in FIRST_WAVE]
         results = list(await asyncio.gather(*(apply(c) for c in first)))
         results += await asyncio.gather(*(apply(c) for c in second))
+        wanted = {child_key(c) for c in children}
+        # Already being deleted (a PVC waits for its pods to go): deleting again would only repeat it.
+        stale = [
+            obj
+            for key, obj in sorted(live.items())
+            if key not in wanted and not (obj.get("metadata") or {}).get("deletionTimestamp")
+        ]
+        results += await asyncio.gather(*(self._prune(obj) for obj in stale))
         return results
 
-    async def _apply(self, manifest: Mapping[str, Any], *, keep_live_replicas: bool = False) -> ChildResult:
-        """Create the child, or merge-patch it when its input hash or content differs from the manifest.
+    async def _owned_children(
+        self, name: str, namespace: str, uid: str, *, monitoring: bool
+    ) -> dict[ChildKey, JsonObject]:
+        """Every live child of this SpeechDeployment: the stack's labels narrow the list, the controller
+        owner reference decides (objects that others created, even with our labels, are never ours)."""
+        selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={MANAGED_BY}"
+        kinds = [k for k in builders.CHILD_KINDS if monitoring or k[0] != SERVICE_MONITOR_API]
 
-        ``keep_live_replicas``: the autoscaler owns ``spec.replicas`` of an existing Deployment.
+        async def list_kind(api_version: str, kind: str, plural: str) -> list[JsonObject]:
+            try:
+                items = await self.kube.list(
+                    Resource(api_version, plural), namespace, label_selector=selector
+                )
+            except ApiError as exc:
+                raise from_api_error(exc, f"list {kind} in {namespace}") from exc
+            for item in items:
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+            return items
+
+        listed = await asyncio.gather(*(list_kind(*k) for k in kinds))
+        return {child_key(item): item for items in listed for item in items if owned_by(item, uid)}
+
+    async def _prune(self, live: JsonObject) -> ChildResult:
+        """Delete a child the spec no longer renders (a removed pool, a feature turned off, a renamed pool)."""
+        meta = live.get("metadata") or {}
+        try:
+            await self.kube.delete(resource_of(live), meta.get("namespace"), str(meta.get("name")))
+        except ApiError as exc:
+            raise from_api_error(
+                exc, f"delete {live.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+            ) from exc
+        logger.info("pruned %s/%s: no longer in the spec", live.get("kind"), meta.get("name"))
+        return ChildResult(live, "pruned", None)
+
+    async def _apply(
+        self, manifest: Mapping[str, Any], live: JsonObject | None, *, autoscaled: bool = False
+    ) -> ChildResult:
+        """Server-side apply the child unless it is live with the same input hash and nobody else wrote it.
+
+        ``autoscaled``: the autoscaler's field manager owns ``spec.replicas`` of the pool's Deployment; the
+        operator's apply leaves it out (else each reconcile would reset it), except to create the Deployment.
         """
         resource = resource_of(manifest)
         meta = manifest.get("metadata") or {}
         name, namespace = str(meta["name"]), meta.get("namespace")
         what = f"apply {manifest.get('kind')} {namespace}/{name}"
         try:
-            live = await self.kube.get(resource, namespace, name)
+            if live is not None:
+                live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(INPUT_HASH_ANNOTATION)
+                same = live_hash == (meta.get("annotations") or {}).get(INPUT_HASH_ANNOTATION)
+                if manifest.get("kind") == "Job":
+                    # A Job's pod template is immutable: replace it, unless it already did its work.
+                    return (
+                        ChildResult(manifest, "unchanged", live)
+                        if same
+                        else await self._replace_job(resource, manifest, live)
+                    )
+                if (
+                    same
+                    and not touched_by_others(live)
+                    and (not autoscaled or replicas_owner(live, AUTOSCALER_MANAGER))
+                ):
+                    return ChildResult(manifest, "unchanged", live)
+            body: Mapping[str, Any] = manifest
+            if autoscaled and live is not None:
+                if not replicas_owner(live, AUTOSCALER_MANAGER):
+                    # Turned autoscaled just now: hand the live count to the autoscaler before our apply
+                    # drops the field (a field no manager owns any more is removed: replicas would reset to 1).
+                    await self._claim_replicas(resource, manifest, (live.get("spec") or {}).get("replicas"))
+                body = {**manifest, "spec": {k: v for k, v in manifest["spec"].items() if k != "replicas"}}
+            applied = await self.kube.apply(resource, namespace, name, body, field_manager=FIELD_MANAGER)
+            if autoscaled and live is None:
+                await self._claim_replicas(resource, manifest, manifest["spec"].get("replicas"))
             if live is None:
-                try:
-                    created = await self.kube.create(resource, namespace, diffing.normalized(manifest))
-                    return ChildResult(manifest, "created", created)
-                except ApiError as exc:
-                    # Created meanwhile (another reconcile, or a stale read): treat it as existing.
-                    if exc.status != 409:
-                        raise
-                    live = await self.kube.get(resource, namespace, name)
-                    if live is None:
-                        raise
-            desired: Mapping[str, Any] = manifest
-            if keep_live_replicas:
-                desired = {**manifest, "spec": {k: v for k, v in manifest["spec"].items() if k != "replicas"}}
-            patch = diffing.merge_patch_for(live, desired)
-            if patch is None:
-                return ChildResult(manifest, "unchanged", live)
-            if manifest.get("kind") == "Job":
-                return await self._replace_job(resource, manifest, live)
-            patched = await self.kube.merge_patch(resource, namespace, name, patch)
-            return ChildResult(manifest, "patched", patched)
+                return ChildResult(manifest, "created", applied)
+            changed = (applied.get("metadata") or {}).get("resourceVersion") != (
+                live.get("metadata") or {}
+            ).get("resourceVersion")
+            return ChildResult(manifest, "patched" if changed else "unchanged", applied)
         except ApiError as exc:
             raise from_api_error(exc, what) from exc
+
+    async def _claim_replicas(self, resource: Resource, manifest: Mapping[str, Any], replicas: Any) -> None:
+        """Make the autoscaler's field manager (co-)own ``spec.replicas`` at its current value."""
+        meta = manifest.get("metadata") or {}
+        body = {
+            "apiVersion": manifest["apiVersion"],
+            "kind": manifest["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+            "spec": {"replicas": 1 if replicas is None else int(replicas)},
+        }
+        try:
+            # Not forced: if another writer (an HPA, a person) changed replicas meanwhile, it owns them now
+            # and the operator's apply leaves them alone anyway; overriding it would undo its decision.
+            await self.kube.apply(
+                resource,
+                meta.get("namespace"),
+                str(meta["name"]),
+                body,
+                field_manager=AUTOSCALER_MANAGER,
+                force=False,
+            )
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
 
     async def _replace_job(
         self, resource: Resource, manifest: Mapping[str, Any], live: JsonObject
@@ -264,24 +417,22 @@ class Reconciler:
         redis_password: str | None,
     ) -> status.Observed:
         observed = status.Observed(spec=spec, name=name, namespace=namespace, children=list(children))
-        try:
-            license_secret = await self.kube.get(SECRETS, namespace, spec.license.secret_ref.name)
-            observed.license_secret_found = license_secret is not None
-        except ApiError as exc:
-            logger.warning("cannot read the license Secret of %s/%s: %s", namespace, name, exc)
-        short = [
-            pool
-            for pool in status.pool_workloads(children)
-            if status.ready_replicas(pool.live) < pool.desired
-        ]
-        for pool in short:
+
+        async def license_secret() -> None:
+            try:
+                found = await self.kube.get(SECRETS, namespace, spec.license.secret_ref.name)
+                observed.license_secret_found = found is not None
+            except ApiError as exc:
+                logger.warning("cannot read the license Secret of %s/%s: %s", namespace, name, exc)
+
+        async def pods_of(pool: status.PoolWorkload) -> None:
             selector = ((pool.manifest.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
             label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
             try:
                 pods = await self.kube.list(PODS, namespace, label_selector=label_selector or None)
             except ApiError as exc:
                 logger.warning("cannot list pods of %s: %s", pool.label, exc)
-                continue
+                return
             # Filter here too: the selector is a hint some API fakes ignore, the labels are the truth.
             observed.pods[pool.label] = [
                 p
@@ -290,11 +441,21 @@ class Reconciler:
                     ((p.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in selector.items()
                 )
             ]
-        started = time.monotonic()
-        observed.queue_depths, observed.queue_note = await self.queues.depths(
-            name, namespace, spec, embedded_password=redis_password
-        )
-        logger.debug("queue depths of %s/%s read in %.3f s", namespace, name, time.monotonic() - started)
+
+        async def stack_redis() -> None:
+            started = time.monotonic()
+            reading = await self.queues.read(name, namespace, spec, embedded_password=redis_password)
+            observed.queue_depths, observed.queue_note = reading.depths, reading.note
+            observed.license_verdict, observed.redis_reachable = reading.verdict, reading.reachable
+            logger.debug("queue depths of %s/%s read in %.3f s", namespace, name, time.monotonic() - started)
+
+        short = [
+            pool
+            for pool in status.pool_workloads([c for c in children if c.action != "pruned"])
+            if status.ready_replicas(pool.live) < pool.desired
+        ]
+        # Independent reads: one round trip's worth of waiting, not the sum.
+        await asyncio.gather(license_secret(), stack_redis(), *(pods_of(pool) for pool in short))
         return observed
 
     async def _write_status(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -41,11 +43,27 @@ class OperatorSettings(BaseSettings):
     redis_timeout_s: float = Field(
         1.0, gt=0, description="Budget for reading queue depths from a stack's Redis during a status refresh."
     )
+    pod_name: str = Field(
+        "",
+        description="Name of the operator's pod (the chart sets it from the downward API): the operator's "
+        "identity towards the API server; hostname and process id when unset.",
+    )
+    pod_namespace: str = Field(
+        "",
+        description="Namespace of the operator's pod (the chart sets it): the stacks' NetworkPolicies let "
+        "operator pods from exactly this namespace read Redis queue depths; any namespace when unset.",
+    )
     log_level: str = Field("INFO", description="Log level of the operator.")
     log_format: str = Field("json", pattern="^(json|text)$", description="json (structured) or text logs.")
 
     def namespace_list(self) -> list[str]:
         return [ns.strip() for ns in self.namespaces.split(",") if ns.strip()]
+
+    @property
+    def identity(self) -> str:
+        """Who this operator is (kopf's peering identity), never derived from the passwd database: a
+        container's uid often has no entry there, and ``getpass.getuser()`` raises for it."""
+        return self.pod_name or f"kubespeech-operator@{socket.gethostname()}/{os.getpid()}"
 
     @property
     def clusterwide(self) -> bool:

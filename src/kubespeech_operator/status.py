@@ -5,10 +5,12 @@ Pure functions over what the reconciler observed, so every rule is testable with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kubespeech.license.verdict import LicenseVerdict
 from kubespeech_operator import conditions as cond
 from kubespeech_operator.builders.common import POOL_LABEL, TASK_LABEL
 from kubespeech_operator.conditions import Condition
@@ -63,6 +65,8 @@ class Observed:
     queue_depths: dict[str, int] = field(default_factory=dict)
     queue_note: str | None = None
     license_secret_found: bool | None = None
+    license_verdict: LicenseVerdict | None = None
+    redis_reachable: bool = False
 
 
 def desired_replicas(obj: Mapping[str, Any]) -> int:
@@ -137,7 +141,8 @@ def _endpoints(observed: Observed) -> dict[str, Any]:
 
 def build_status(previous: Mapping[str, Any], observed: Observed, generation: int | None) -> dict[str, Any]:
     """The full status after a successful apply."""
-    children = observed.children
+    # Pruned children are gone: they count as a change, never as a component.
+    children = [c for c in observed.children if c.action != "pruned"]
     pools = pool_workloads(children)
     wanted: list[Condition] = []
     problems: list[tuple[str, str]] = []  # (reason, message) an admin must act on
@@ -206,19 +211,30 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
             Condition(cond.MODELS_READY, "True", "ModelsFetched", f"{len(jobs)} model(s) in the cache")
         )
 
-    # License: the Secret must exist; the proxy only turns ready with a usable license.
+    # License: the Secret must exist; then the proxy's own verdict (published in Redis) says whether the
+    # license is usable and why not; without it, the proxy's readiness (it is ready only while usable).
     proxies = [
         c for c in children if c.manifest.get("kind") in WORKLOAD_KINDS and _component(c) == "license-proxy"
     ]
     secret_name = observed.spec.license.secret_ref.name
+    verdict = observed.license_verdict
     if observed.license_secret_found is False:
         message = f"license Secret {secret_name!r} not found in namespace {observed.namespace}"
         wanted.append(Condition(cond.LICENSE_VALID, "False", "LicenseSecretMissing", message))
         problems.append(("LicenseSecretMissing", message))
-    elif proxies and all(ready_replicas(p.live) > 0 for p in proxies):
+    elif verdict is not None and verdict.usable:
+        wanted.append(
+            Condition(cond.LICENSE_VALID, "True", _license_reason(verdict), _license_message(verdict))
+        )
+    elif verdict is not None:
+        reason, message = _license_reason(verdict), _license_message(verdict)
+        wanted.append(Condition(cond.LICENSE_VALID, "False", reason, message))
+        problems.append((reason, message))
+    elif proxies and all(ready_replicas(p.live) > 0 for p in proxies) and not observed.redis_reachable:
+        # Redis out of the operator's reach: the proxy's readiness is the next best evidence.
         wanted.append(
             Condition(
-                cond.LICENSE_VALID, "True", "LicenseProxyReady", "the license proxy accepted the license"
+                cond.LICENSE_VALID, "True", "LicenseProxyReady", "the license proxy reports a usable license"
             )
         )
     else:
@@ -227,7 +243,7 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
                 cond.LICENSE_VALID,
                 "Unknown",
                 "LicenseProxyNotReady",
-                "waiting for the license proxy to be ready",
+                "waiting for the license proxy to report on the license",
             )
         )
 
@@ -238,7 +254,7 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
         for c in workloads
         if ready_replicas(c.live) < desired_replicas(c.live or c.manifest)
     ]
-    changed = [c.ref for c in children if c.action in ("created", "patched")]
+    changed = [c.ref for c in observed.children if c.action in ("created", "patched", "pruned")]
     rollouts = [
         c.ref for c in workloads if desired_replicas(c.live or c.manifest) > 0 and rolling_out(c.live)
     ]
@@ -294,6 +310,30 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
     if generation is not None:
         result["observedGeneration"] = generation
     return result
+
+
+_LICENSE_REASONS = {
+    "valid": "LicenseValid",
+    "grace": "LicenseInGracePeriod",
+    "expired": "LicenseExpired",
+    "revoked": "LicenseRevoked",
+    "invalid": "LicenseInvalid",
+    "missing": "LicenseMissing",
+}
+
+
+def _license_reason(verdict: LicenseVerdict) -> str:
+    return _LICENSE_REASONS.get(verdict.state, "LicenseStateUnknown")
+
+
+def _license_message(verdict: LicenseVerdict) -> str:
+    parts = [f"license {verdict.state}"]
+    if verdict.license_id:
+        parts.append(f"id {verdict.license_id}")
+    if verdict.expires_at_unix:
+        parts.append("expires " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(verdict.expires_at_unix)))
+    text = ", ".join(parts)
+    return f"{text}: {verdict.message}" if verdict.message else text
 
 
 def _ratio(entries: Sequence[Mapping[str, Any]]) -> str:

@@ -136,20 +136,20 @@ def _grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
 
 
 def test_rbac_covers_every_child_kind_and_nothing_wider() -> None:
+    """The shape of the grants; tests/operator/test_rbac.py proves on a real API server that they are
+    exactly what the operator uses."""
     cluster_role = next(d for d in render() if d["kind"] == "ClusterRole")
     grants = _grants(cluster_role["rules"])
     for api_version, _kind, plural in CHILD_KINDS:
         group = api_version.split("/")[0] if "/" in api_version else ""
-        assert {"get", "create", "patch"} <= grants[(group, plural)], plural
-    assert {"get", "list", "watch", "patch"} <= grants[("kubespeech.io", "speechdeployments")]
-    assert "patch" in grants[("kubespeech.io", "speechdeployments/status")]
-    assert grants[("", "pods")] == {"get", "list"}
-    assert "create" in grants[("", "events")]
+        assert {"list", "create", "patch", "delete"} <= grants[(group, plural)], plural
+    assert grants[("kubespeech.io", "speechdeployments")] == {"list", "watch", "patch"}
+    assert grants[("kubespeech.io", "speechdeployments/status")] == {"patch"}
+    assert grants[("", "pods")] == {"list"}
+    assert grants[("", "events")] == {"create"}
     for (group, resource), verbs in grants.items():
         assert "*" not in verbs and resource != "*" and group != "*"
-        assert not {"escalate", "bind", "impersonate"} & verbs
-        if resource != "jobs":
-            assert "delete" not in verbs, resource
+        assert not {"escalate", "bind", "impersonate", "update"} & verbs
     assert not any(group == "rbac.authorization.k8s.io" for group, _ in grants)
 
 
@@ -189,7 +189,11 @@ def test_operator_env_matches_the_operator_settings() -> None:
         deployment = next(d for d in render("-f", str(values)) if d["kind"] == "Deployment")
         names = {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert {n for n in names if n.startswith("KUBESPEECH_OPERATOR_")} <= fields, values.name
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         OperatorSettings.model_validate(
-            {e["name"].removeprefix("KUBESPEECH_OPERATOR_").lower(): e["value"]
-             for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-        )  # fmt: skip
+            {e["name"].removeprefix("KUBESPEECH_OPERATOR_").lower(): e["value"] for e in env if "value" in e}
+        )
+        # The pod's name and namespace come from the downward API (kopf's identity; the Redis policy).
+        downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in env if "valueFrom" in e}
+        assert downward == {"KUBESPEECH_OPERATOR_POD_NAME": "metadata.name",
+                            "KUBESPEECH_OPERATOR_POD_NAMESPACE": "metadata.namespace"}  # fmt: skip

@@ -1,8 +1,7 @@
-"""The operator's pure parts: drift detection and merge patches, scheduler messages, conditions, kubeconfig."""
+"""The operator's pure parts: field-manager bookkeeping, scheduler messages, conditions, kubeconfig."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import httpx
@@ -10,7 +9,6 @@ import pytest
 import yaml
 
 from kubespeech_operator.conditions import Condition, merge_conditions, transitions
-from kubespeech_operator.diffing import INPUT_HASH, contains, merge_patch_for, normalized
 from kubespeech_operator.errors import (
     ChildRejectedError,
     ClusterUnavailableError,
@@ -19,60 +17,8 @@ from kubespeech_operator.errors import (
     retry_delay,
 )
 from kubespeech_operator.kube import ApiError, CredentialsError, Resource, load_connection_info
+from kubespeech_operator.reconciler import owned_by, replicas_owner, touched_by_others
 from kubespeech_operator.scheduling import pool_scheduling_message, summarize_scheduler_message
-
-
-def deployment(**pod_spec: object) -> dict[str, object]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "d", "labels": {"app.kubernetes.io/name": "kubespeech"}, "annotations": {INPUT_HASH: "h1"}},
-        "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "c", "image": "i:1",
-                 "resources": {"requests": {"cpu": "1000m", "memory": "1Gi"}}}], **pod_spec}}},
-    }  # fmt: skip
-
-
-def test_contains_tolerates_server_defaults_and_quantity_normalisation() -> None:
-    want = deployment()
-    live = deployment(dnsPolicy="ClusterFirst", schedulerName="default-scheduler")
-    live["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] = {
-        "cpu": "1",
-        "memory": "1024Mi",
-    }
-    live["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
-    assert contains(live, want)
-    assert merge_patch_for(live, want) is None
-
-
-def test_hand_edit_is_drift_even_with_the_same_input_hash() -> None:
-    live = deployment()
-    live["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
-    patch = merge_patch_for(live, deployment())
-    assert patch is not None and patch["spec"]["template"]["spec"]["containers"][0]["image"] == "i:1"
-
-
-def test_removed_scheduling_fields_and_owned_labels_are_nulled() -> None:
-    live = deployment(nodeSelector={"a": "1", "b": "2"}, runtimeClassName="nvidia")
-    live["metadata"]["labels"].update({"kubespeech.io/pool": "old", "team": "ml"})
-    want = deployment(nodeSelector={"b": "2"})
-    want["metadata"]["annotations"][INPUT_HASH] = "h2"
-    patch = merge_patch_for(live, want)
-    assert patch is not None
-    pod = patch["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"b": "2", "a": None}
-    assert pod["runtimeClassName"] is None
-    # Owned label prefixes are cleaned; labels others added are left alone.
-    assert patch["metadata"]["labels"]["kubespeech.io/pool"] is None
-    assert "team" not in patch["metadata"]["labels"]
-
-
-def test_secret_string_data_is_compared_as_the_server_stores_it() -> None:
-    want = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "annotations": {INPUT_HASH: "h"}},
-            "stringData": {"password": "pw"}}  # fmt: skip
-    stored = normalized(want)
-    assert stored["data"] == {"password": base64.b64encode(b"pw").decode()} and "stringData" not in stored
-    assert merge_patch_for(stored, want) is None
-
 
 GPU_MESSAGE = (
     "0/3 nodes are available: 1 node(s) had untolerated taint {nvidia.com/gpu: present}, 2 Insufficient "
@@ -187,3 +133,30 @@ async def test_rotated_service_account_token_is_reread(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         await runner.cleanup()
+
+
+def managed(*entries: tuple[str, dict[str, object], str | None]) -> dict[str, object]:
+    return {"metadata": {"managedFields": [
+        {"manager": m, "operation": "Apply", "fieldsV1": f, **({"subresource": sub} if sub else {})}
+        for m, f, sub in entries]}}  # fmt: skip
+
+
+def test_only_foreign_spec_or_metadata_writes_count_as_drift() -> None:
+    ours = ("kubespeech-operator", {"f:spec": {"f:replicas": {}}}, None)
+    assert not touched_by_others(managed(ours))
+    # Status writers and the Deployment controller's revision annotation are bookkeeping, not drift.
+    assert not touched_by_others(managed(ours, ("kube-controller-manager", {"f:status": {}}, "status")))
+    revision = {"f:metadata": {"f:annotations": {"f:deployment.kubernetes.io/revision": {}}}}
+    assert not touched_by_others(managed(ours, ("kube-controller-manager", revision, None)))
+    assert touched_by_others(managed(ours, ("kubectl-edit", {"f:spec": {"f:template": {}}}, None)))
+    assert touched_by_others(managed(ours, ("team-tool", {"f:metadata": {"f:labels": {"f:team": {}}}}, None)))
+
+
+def test_replicas_owner_and_controller_owner_reference() -> None:
+    obj = managed(("kubespeech-autoscaler", {"f:spec": {"f:replicas": {}}}, None))
+    assert replicas_owner(obj, "kubespeech-autoscaler") and not replicas_owner(obj, "kubespeech-operator")
+    ref = {"kind": "SpeechDeployment", "uid": "u1", "controller": True}
+    assert owned_by({"metadata": {"ownerReferences": [ref]}}, "u1")
+    assert not owned_by({"metadata": {"ownerReferences": [ref]}}, "u2")
+    assert not owned_by({"metadata": {"ownerReferences": [{**ref, "controller": False}]}}, "u1")
+    assert not owned_by({"metadata": {}}, "")

@@ -171,21 +171,28 @@ def test_network_policies_expose_only_the_api(
     assert open_ports == {7100, 9090}
     by_name = {p["metadata"]["name"]: p for p in policies}
     name = children[0]["metadata"]["labels"]["app.kubernetes.io/instance"]
-    stack_only = [by_name[f"{name}-license-proxy"]]
+    from_stack = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubespeech",
+                                                   "app.kubernetes.io/instance": name}}}]  # fmt: skip
+    (rule,) = by_name[f"{name}-license-proxy"]["spec"]["ingress"]
+    assert rule["from"] == from_stack
     if spec.redis.mode == "embedded":
-        stack_only.append(by_name[f"{name}-redis"])
-    for policy in stack_only:
-        (rule,) = policy["spec"]["ingress"]
-        assert rule["from"] == [
-            {
-                "podSelector": {
-                    "matchLabels": {
-                        "app.kubernetes.io/name": "kubespeech",
-                        "app.kubernetes.io/instance": name,
-                    }
-                }
-            }
+        # Redis: the stack's pods, and the operator's (it reads queue depths), labelled by the chart.
+        stack_rule, operator_rule = by_name[f"{name}-redis"]["spec"]["ingress"]
+        assert stack_rule["from"] == from_stack
+        assert operator_rule["from"] == [
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": {"kubespeech.io/operator": "true"}}}
         ]
+        assert operator_rule["ports"] == stack_rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
+def test_redis_policy_admits_operator_pods_from_its_namespace_only_when_known() -> None:
+    spec = parse_spec({"license": {"secretRef": {"name": "l", "key": "k"}},
+                       "api": {"apiKeysSecretRef": {"name": "a", "key": "k"}},
+                       "asr": {"pools": [{"name": "cpu", "engine": "whisper"}]}})  # fmt: skip
+    children = build_children("s", "speech", spec, redis_password="x", operator_namespace="kubespeech-system")
+    (policy,) = [c for c in children if c["kind"] == "NetworkPolicy" and c["metadata"]["name"] == "s-redis"]
+    peer = policy["spec"]["ingress"][1]["from"][0]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubespeech-system"}}
 
 
 def test_models_file_lists_each_queue_once(case: tuple[SpeechDeploymentSpec, list[dict[str, Any]]]) -> None:

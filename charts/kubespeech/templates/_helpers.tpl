@@ -73,53 +73,61 @@ kubespeech.image: "repository:tag" or "repository@digest"; the tag defaults to t
 {{- end }}
 
 {{/*
-kubespeech.namespacedRules: what the operator does inside a watched namespace. Children are read with get,
-created with create and changed with JSON merge patch (never list/watch: kopf watches only
-SpeechDeployments); Jobs are also deleted (a Job's template is immutable); pods are only read for
-scheduling messages; Events are posted on SpeechDeployments.
+kubespeech.namespacedRules: what the operator does inside a watched namespace. Children are listed by the
+stack's labels (to find and prune the ones no longer wanted), written with server-side apply (patch, and
+create when the apply creates the object) and deleted when pruned; Deployments and StatefulSets are also watched so the status follows their readiness;
+pods are only read for scheduling messages; Events are posted on SpeechDeployments.
+tests/operator/test_rbac.py runs the operator with exactly these rules and compares them with the requests
+it made.
 */}}
 {{- define "kubespeech.namespacedRules" -}}
 - apiGroups: ["kubespeech.io"]
   resources: ["speechdeployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["kubespeech.io"]
   resources: ["speechdeployments/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["serviceaccounts", "secrets", "configmaps", "persistentvolumeclaims", "services"]
-  verbs: ["get", "create", "patch"]
+  resources: ["serviceaccounts", "configmaps", "persistentvolumeclaims", "services"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies", "ingresses"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["list"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
-kubespeech.clusterRules: cluster-scoped reads: namespaces (kopf resolves watched namespaces) and CRDs
-(kopf's resource scanning; the ServiceMonitor check uses discovery, open to every authenticated client).
+kubespeech.clusterRules: cluster-scoped reads: CRDs (kopf scans them to resolve the resources it watches;
+the ServiceMonitor check uses discovery, open to every authenticated client), and namespaces only when the
+operator watches a list of them (kopf then watches namespaces to follow which of them exist).
 */}}
 {{- define "kubespeech.clusterRules" -}}
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
+{{- if .Values.operator.watchNamespaces }}
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}

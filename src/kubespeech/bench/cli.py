@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
             res = run_operator_bench()
             results["operator"] = res
-            typer.echo("\n== Operator (KMock) ==")
+            typer.echo("\n== Operator (real kube-apiserver) ==")
             typer.echo(json.dumps(res, indent=2))
         if "gpu" in suites:
             from kubespeech.bench.gpu import run_gpu_bench

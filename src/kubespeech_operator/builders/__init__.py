@@ -105,17 +105,22 @@ def build_children(
     owner: dict[str, Any] | None = None,
     redis_password: str | None = None,
     replicas: Mapping[str, int] | None = None,
+    operator_namespace: str | None = None,
 ) -> list[Manifest]:
     """Every child of one SpeechDeployment, in apply order (by CHILD_KINDS, then by name).
 
     ``owner`` ({apiVersion, kind, name, uid}) adds a controller ownerReference; ``redis_password`` adds the
     embedded Redis Secret (the operator generates it once and passes it on every reconcile; without it the
     Secret is left out and the StatefulSet still references it); ``replicas`` maps ``asr/<pool>`` to the
-    autoscaler's replica count (pools not in it get ``replicas``, or ``autoscaling.minReplicas``).
+    autoscaler's replica count (pools not in it get ``replicas``, or ``autoscaling.minReplicas``);
+    ``operator_namespace``: where the operator runs (its pods may read the embedded Redis; any namespace
+    when None).
     Raises SpecError for a name that would make child names invalid.
     """
     validate_name(name)
-    ctx = Context(name=name, namespace=namespace, spec=spec, owner=owner)
+    ctx = Context(
+        name=name, namespace=namespace, spec=spec, owner=owner, operator_namespace=operator_namespace
+    )
     models = cached_models(ctx)
     children: list[Manifest | None] = [
         *build_service_accounts(ctx, model_fetch=bool(models)),

@@ -16,6 +16,8 @@ Manifest = dict[str, Any]
 PART_OF = "kubespeech"
 MANAGED_BY = "kubespeech-operator"
 INPUT_HASH_ANNOTATION = "kubespeech.io/input-hash"
+OPERATOR_POD_LABEL = "kubespeech.io/operator"
+"""Label on the operator's pods (the chart sets it to "true"): the NetworkPolicies let them read Redis."""
 POOL_LABEL = "kubespeech.io/pool"
 TASK_LABEL = "kubespeech.io/task"
 
@@ -53,6 +55,7 @@ class Context:
     namespace: str
     spec: SpeechDeploymentSpec
     owner: dict[str, Any] | None = None
+    operator_namespace: str | None = None
 
     # Names of the children (one place, so that references between children cannot drift apart).
     @property

@@ -7,6 +7,7 @@ from typing import Any
 from kubespeech_operator.builders.common import (
     API_PORT,
     LICENSE_PROXY_PORT,
+    OPERATOR_POD_LABEL,
     REDIS_PORT,
     WORKER_HEALTH_PORT,
     Context,
@@ -101,8 +102,17 @@ def _network_policy(
     }
 
 
+def _operator_peer(ctx: Context) -> dict[str, Any]:
+    """The operator's pods: labelled by the chart, in the operator's namespace when it is known."""
+    namespaces: dict[str, Any] = {}
+    if ctx.operator_namespace:
+        namespaces = {"matchLabels": {"kubernetes.io/metadata.name": ctx.operator_namespace}}
+    return {"namespaceSelector": namespaces, "podSelector": {"matchLabels": {OPERATOR_POD_LABEL: "true"}}}
+
+
 def build_network_policies(ctx: Context) -> list[Manifest]:
-    """Only the API is reachable from outside the stack; Redis and the license proxy only from its pods.
+    """Only the API is reachable from outside the stack; Redis and the license proxy only from its pods
+    (and Redis from the operator's, which reads queue depths there).
 
     The first policy isolates every pod of the stack (ingress denied unless another policy allows it);
     the others open exactly one port each. Egress is left alone (the license proxy calls its upstream,
@@ -154,7 +164,11 @@ def build_network_policies(ctx: Context) -> list[Manifest]:
                 ctx.redis_name,
                 "redis",
                 {"matchLabels": selector_labels(ctx, "redis")},
-                [{"from": from_stack, "ports": [_port(REDIS_PORT)]}],
+                [
+                    {"from": from_stack, "ports": [_port(REDIS_PORT)]},
+                    # The operator reads queue depths (for the status and the autoscaler) from here.
+                    {"from": [_operator_peer(ctx)], "ports": [_port(REDIS_PORT)]},
+                ],
             )
         )
     return policies
