@@ -18,7 +18,13 @@ import kopf
 from kubespeech_operator import conditions as cond
 from kubespeech_operator.builders.common import MANAGED_BY
 from kubespeech_operator.errors import ReconcileError, retry_delay
-from kubespeech_operator.kube import KubeClient, in_cluster_token_path, load_connection_info
+from kubespeech_operator.kube import (
+    ApiError,
+    KubeClient,
+    Resource,
+    in_cluster_token_path,
+    load_connection_info,
+)
 from kubespeech_operator.queues import QueueDepthReader
 from kubespeech_operator.reconciler import ReconcileOutcome, Reconciler
 from kubespeech_operator.settings import DOMAIN, FINALIZER, GROUP, PLURAL, VERSION, OperatorSettings
@@ -70,7 +76,11 @@ def _raise_for_retry(outcome: ReconcileOutcome, retry: int) -> None:
     raise kopf.TemporaryError(error.message, delay=retry_delay(error, retry))
 
 
-def _owner_name(body: kopf.Body) -> str | None:
+# Children whose status feeds the SpeechDeployment's (readiness of its pods).
+WATCHED_CHILDREN = (Resource("apps/v1", "deployments"), Resource("apps/v1", "statefulsets"))
+
+
+def _owner_name(body: Mapping[str, Any]) -> str | None:
     """The SpeechDeployment that controls a child, by its controller owner reference."""
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if (
@@ -167,6 +177,30 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
                     logger.exception("resync of %s failed", _key)
             state["resynced_at"] = time.monotonic()
 
+    def watch_namespaces() -> list[str | None]:
+        names = config.namespace_list()
+        if not names:
+            return [None]  # cluster-wide
+        if any(set(n) & set("*?[") for n in names):
+            logger.warning("namespace patterns: children are not watched; status follows at each resync")
+            return []
+        return list(names)
+
+    async def follow_children(resource: Resource, namespace: str | None) -> None:
+        selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        while True:
+            try:
+                async for _type, obj in reconciler().kube.watch(resource, namespace, label_selector=selector):
+                    owner = _owner_name(obj)
+                    if owner is not None:
+                        follower.schedule((str(obj["metadata"].get("namespace") or ""), owner))
+                return
+            except ApiError as exc:
+                if reconciler().kube.http.is_closed:
+                    return
+                logger.warning("watching %s failed, retrying in 5 s: %s", resource.plural, exc)
+                await asyncio.sleep(5)
+
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         # Explicit: kopf's default login would import kubernetes_asyncio, which reads KUBECONFIG at import.
@@ -182,16 +216,25 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
         state["reconciler"] = Reconciler(
             kube,
             apply_concurrency=config.apply_concurrency,
+            max_concurrent_reconciles=config.max_concurrent_reconciles,
             queue_reader=queues,
             operator_namespace=config.pod_namespace or None,
         )
         state["resync"] = asyncio.create_task(resync_loop(), name="resync")
+        # Owned workloads: a readiness change reaches the status within a moment, not at the next resync.
+        state["child-watches"] = [
+            asyncio.create_task(follow_children(resource, namespace), name=f"watch {resource.plural}")
+            for resource in WATCHED_CHILDREN
+            for namespace in watch_namespaces()
+        ]
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        if "resync" in state:
-            state["resync"].cancel()
-            await asyncio.wait([state["resync"]], timeout=5)
+        tasks = [t for t in [state.get("resync"), *state.get("child-watches", [])] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         await follower.aclose()
         if "reconciler" in state:
             await state["reconciler"].queues.aclose()
@@ -206,7 +249,9 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
             if "reconciler" in state:
                 await reconciler().forget(*key)
         else:
-            known[key] = {k: v for k, v in dict(body).items()}
+            # Without managedFields: the reconciler never reads them, and 100 copies add up.
+            meta = {k: v for k, v in body.get("metadata", {}).items() if k != "managedFields"}
+            known[key] = {**dict(body), "metadata": meta}
 
     @kopf.on.resume(*resource, id="reconcile", registry=registry)
     @kopf.on.create(*resource, id="reconcile", registry=registry)
@@ -220,24 +265,14 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
         _post_events(body, outcome)
         _raise_for_retry(outcome, retry)
 
-    # Owned workloads: a readiness change reaches the status within a moment, not at the next resync.
-    owned = {"app.kubernetes.io/managed-by": MANAGED_BY}
-
-    @kopf.on.event("apps", "v1", "deployments", labels=owned, registry=registry)
-    @kopf.on.event("apps", "v1", "statefulsets", labels=owned, registry=registry)
-    async def child_changed(body: kopf.Body, **_: Any) -> None:
-        owner = _owner_name(body)
-        if owner is not None:
-            follower.schedule((str(body.get("metadata", {}).get("namespace") or ""), owner))
-
     @kopf.on.probe(id="reconciler", registry=registry)
     def probe(**_: Any) -> str:
         if "reconciler" not in state:
             return "starting"
-        task = state.get("resync")
-        if task is not None and task.done():
-            # The resync loop died: report it so the liveness probe restarts the pod.
-            raise RuntimeError("the resync loop stopped")
+        for task in [state.get("resync"), *state.get("child-watches", [])]:
+            if task is not None and task.done():
+                # A loop died: report it so the liveness probe restarts the pod.
+                raise RuntimeError(f"{task.get_name()} stopped")
         return "ready"
 
     return registry

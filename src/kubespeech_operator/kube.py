@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import json
 import os
 import ssl
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,62 @@ class KubeClient:
                 return False
             raise
         return True
+
+    async def watch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        *,
+        label_selector: str,
+        timeout_s: int = 300,
+    ) -> AsyncIterator[tuple[str, JsonObject]]:
+        """(event type, object metadata) of every change to matching objects from now on, forever.
+
+        A small watch of its own rather than kopf's: only ``metadata`` of each event is kept, so following
+        hundreds of Deployments costs next to no memory. It lists once (``limit=1``: only the collection's
+        resourceVersion is needed), then watches from there, resuming after a dropped connection and
+        listing again when the server says the version is too old (410 Gone).
+        """
+        path = resource.path(namespace)
+        version: str | None = None
+        while True:
+            if version is None:
+                listed = await self._request(
+                    "GET", path, params={"labelSelector": label_selector, "limit": "1"}
+                )
+                version = str((listed.get("metadata") or {}).get("resourceVersion") or "")
+            params = {
+                "watch": "true",
+                "labelSelector": label_selector,
+                "resourceVersion": version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": str(timeout_s),
+            }
+            try:
+                async with self.http.stream(
+                    "GET", path, params=params, timeout=httpx.Timeout(timeout_s + 30, connect=5.0)
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise ApiError(response.status_code, "WATCH", path, response.text[:500])
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        kind, obj = str(event.get("type")), event.get("object") or {}
+                        if kind == "ERROR":
+                            if obj.get("code") == 410:
+                                version = None  # too old: list again
+                                break
+                            raise ApiError(int(obj.get("code") or 0), "WATCH", path, str(obj.get("message")))
+                        meta = obj.get("metadata") or {}
+                        version = str(meta.get("resourceVersion") or version)
+                        if kind != "BOOKMARK":
+                            yield kind, {"metadata": meta}
+            except httpx.HTTPError:
+                if self.http.is_closed:
+                    return
+                await asyncio.sleep(1.0)  # the server went away; resume from the last version seen
 
     async def served_resources(self, group_version: str) -> set[str]:
         """Plural names the API server serves in ``group_version`` (empty when the group is unknown)."""

@@ -152,12 +152,16 @@ class Reconciler:
         kube: KubeClient,
         *,
         apply_concurrency: int = 8,
+        max_concurrent_reconciles: int = 4,
         queue_reader: QueueDepthReader | None = None,
         operator_namespace: str | None = None,
     ) -> None:
         self.kube = kube
         self.operator_namespace = operator_namespace
         self.apply_concurrency = apply_concurrency
+        # A hundred stacks created at once would otherwise list and apply all their children at once: more
+        # memory held at the peak (Python keeps it) and no sooner done on a small CPU share.
+        self._running = asyncio.Semaphore(max_concurrent_reconciles)
         self.queues = queue_reader or QueueDepthReader(kube)
         # One reconcile at a time per object (the timer and an update handler may overlap); a lock lives
         # only while someone holds a reference to it.
@@ -188,7 +192,7 @@ class Reconciler:
         meta = body.get("metadata") or {}
         name, namespace = str(meta.get("name")), str(meta.get("namespace"))
         lock = self._lock(namespace, name)
-        async with lock:
+        async with lock, self._running:
             return await self._reconcile(body, name, namespace)
 
     async def _reconcile(self, body: Mapping[str, Any], name: str, namespace: str) -> ReconcileOutcome:

@@ -40,6 +40,12 @@ class OperatorSettings(BaseSettings):
         "hand-edited children and refreshes status (readiness, queue depth).",
     )
     apply_concurrency: int = Field(8, ge=1, le=64, description="Children applied in parallel per reconcile.")
+    max_concurrent_reconciles: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="SpeechDeployments reconciled at the same time (the others wait their turn).",
+    )
     redis_timeout_s: float = Field(
         1.0, gt=0, description="Budget for reading queue depths from a stack's Redis during a status refresh."
     )
