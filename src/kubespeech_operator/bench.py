@@ -88,7 +88,8 @@ async def _bench(sds: int, samples: int, resync_s: float) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="kubespeech-bench-") as tmp:
             kubeconfig = server.kubeconfig(Path(tmp) / "kubeconfig")
             port = _free_port()
-            env = {**os.environ, "KUBESPEECH_OPERATOR_LOG_LEVEL": "WARNING"}
+            env = {**os.environ, "KUBESPEECH_OPERATOR_LOG_LEVEL": "WARNING",
+                   "KUBESPEECH_OPERATOR_METRICS_PORT": str(_free_port())}  # fmt: skip
             command = [sys.executable, "-m", "kubespeech.cli", "operator", "--kubeconfig", str(kubeconfig),
                        "--liveness-port", str(port), "--resync-interval", str(resync_s), "-n", NAMESPACE]  # fmt: skip
             started = time.monotonic()

@@ -164,6 +164,9 @@ def operator(
 
 def register(app: typer.Typer) -> None:
     app.command("operator")(operator)
+    from kubespeech_operator.simulate import register_autoscale
+
+    register_autoscale(app)
     try:
         from kubespeech_operator.render import register_render
     except ImportError:

@@ -43,7 +43,27 @@ cold-starts on demand) or no ASR pool is configured. False: a pool is short of r
 TTS_READY = "TTSReady"
 """As ASRReady, for the TTS pools."""
 
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, LICENSE_VALID, MODELS_READY, ASR_READY, TTS_READY)
+SCALING_ACTIVE = "ScalingActive"
+"""Only with pools scaled by the operator's autoscaler. True: it reads the queues and decides. False
+(QueueDepthUnavailable): Redis could not be read; replicas are held (or go to fallbackReplicas), never to
+zero on missing data."""
+
+SCALING_LIMITED = "ScalingLimited"
+"""Only with pools scaled by the operator's autoscaler. True (LicenseClamp): the license's
+max_worker_replicas or max_gpus capped what the queues asked for; the message names the limit. False: no
+limit reached."""
+
+CONDITION_TYPES = (
+    READY,
+    PROGRESSING,
+    DEGRADED,
+    LICENSE_VALID,
+    MODELS_READY,
+    ASR_READY,
+    TTS_READY,
+    SCALING_ACTIVE,
+    SCALING_LIMITED,
+)
 
 
 @dataclass(frozen=True)

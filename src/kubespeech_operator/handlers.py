@@ -7,15 +7,16 @@ tests run the operator with short intervals against a real API server, in their 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import kopf
 
 from kubespeech_operator import conditions as cond
+from kubespeech_operator import metrics
+from kubespeech_operator.autoscaler import PoolDecision
 from kubespeech_operator.builders.common import MANAGED_BY
 from kubespeech_operator.errors import ReconcileError, retry_delay
 from kubespeech_operator.kube import (
@@ -27,6 +28,7 @@ from kubespeech_operator.kube import (
 )
 from kubespeech_operator.queues import QueueDepthReader
 from kubespeech_operator.reconciler import ReconcileOutcome, Reconciler
+from kubespeech_operator.scaler import Scaler
 from kubespeech_operator.settings import DOMAIN, FINALIZER, GROUP, PLURAL, VERSION, OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,10 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 30
 
 
-def _post_events(body: kopf.Body, outcome: ReconcileOutcome) -> None:
+def _events(outcome: ReconcileOutcome) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events worth posting for a reconcile: condition transitions an admin
+    cares about, and children created."""
+    events = []
     for c in outcome.transitions:
         if c.get("type") not in EVENT_CONDITIONS:
             continue
@@ -59,11 +64,17 @@ def _post_events(body: kopf.Body, outcome: ReconcileOutcome) -> None:
             c.get("type") != cond.DEGRADED and c.get("status") == "False"
         )
         message = f"{c.get('type')}={c.get('status')}: {c.get('message') or c.get('reason')}"
-        post = kopf.warn if bad else kopf.info
-        post(body, reason=str(c.get("reason") or c.get("type")), message=message[:1024])
+        events.append(("Warning" if bad else "Normal", str(c.get("reason") or c.get("type")), message[:1024]))
     created = outcome.count("created")
     if created:
-        kopf.info(body, reason="ChildrenCreated", message=f"created {created} objects")
+        events.append(("Normal", "ChildrenCreated", f"created {created} objects"))
+    return events
+
+
+def _post_events(body: kopf.Body, outcome: ReconcileOutcome) -> None:
+    """From a kopf handler: through kopf's event queue."""
+    for type_, reason, message in _events(outcome):
+        (kopf.warn if type_ == "Warning" else kopf.info)(body, reason=reason, message=message)
 
 
 def _raise_for_retry(outcome: ReconcileOutcome, retry: int) -> None:
@@ -150,8 +161,12 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
         if changed and outcome.error is None:
             logger.info("%s of %s/%s changed %d children: %s", what, body["metadata"].get("namespace"),
                         body["metadata"].get("name"), len(changed), ", ".join(changed[:12]))  # fmt: skip
-        with contextlib.suppress(LookupError):  # no event queue outside kopf's context (shutdown)
-            _post_events(kopf.Body(cast(kopf.RawBody, dict(body))), outcome)
+        # Outside kopf's handlers (the resync loop, the status follower): posted directly.
+        for type_, reason, message in _events(outcome):
+            try:
+                await reconciler().kube.post_event(body, reason=reason, message=message, type_=type_)
+            except ApiError as exc:
+                logger.info("cannot post Event %s: %s", reason, exc)
         if outcome.error is not None and not outcome.error.permanent:
             logger.warning("%s failed, retrying: %s", what, outcome.error.message)
         return outcome
@@ -162,6 +177,37 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
             await run_and_report(body, "status refresh")
 
     follower = StatusFollower(refresh)
+
+    async def scaled(body: Mapping[str, Any], decisions: list[PoolDecision]) -> None:
+        # One Event per scale decision (posted directly: this loop runs outside kopf's handler context,
+        # where kopf.info has no queue), and the status shows the new replicas and why within a moment.
+        for d in decisions:
+            try:
+                await reconciler().kube.post_event(
+                    body,
+                    reason=f"Scaled{d.reason}",
+                    message=f"{d.key}: {d.current} → {d.desired}: {d.message}",
+                )
+            except ApiError as exc:
+                logger.info("cannot post the scale Event: %s", exc)
+        meta = body.get("metadata") or {}
+        follower.schedule((str(meta.get("namespace") or ""), str(meta.get("name"))))
+
+    async def autoscale_loop() -> None:
+        # Each stack is polled at its own pollingIntervalSeconds; this loop wakes often enough for 1 s.
+        scaler: Scaler = state["scaler"]
+        while True:
+            now = time.monotonic()
+            for key, body in list(known.items()):
+                if reconciler().kube.http.is_closed:
+                    return
+                if not scaler.due(body, now):
+                    continue
+                try:
+                    await scaler.tick(body, now=now)
+                except Exception:  # one stack's failure must not stop the others
+                    logger.exception("autoscaling %s failed", key)
+            await asyncio.sleep(0.25)
 
     async def resync_loop() -> None:
         # Restores deleted or hand-edited children and refreshes the status (queue depth, pods); errors are
@@ -220,7 +266,22 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
             queue_reader=queues,
             operator_namespace=config.pod_namespace or None,
         )
+        reconciler_ = state["reconciler"]
+        scaler = Scaler(
+            kube,
+            queues,
+            live=reconciler_.workloads,
+            redis_password=reconciler_.redis_password,
+            on_scaled=scaled,
+        )
+        state["scaler"] = scaler
+        reconciler_.autoscaling_status = lambda ns, name: (
+            scaler.pool_status(ns, name),
+            scaler.conditions(ns, name),
+        )
+        metrics.serve(config.metrics_host, config.metrics_port)
         state["resync"] = asyncio.create_task(resync_loop(), name="resync")
+        state["autoscale"] = asyncio.create_task(autoscale_loop(), name="autoscale")
         # Owned workloads: a readiness change reaches the status within a moment, not at the next resync.
         state["child-watches"] = [
             asyncio.create_task(follow_children(resource, namespace), name=f"watch {resource.plural}")
@@ -230,7 +291,11 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        tasks = [t for t in [state.get("resync"), *state.get("child-watches", [])] if t is not None]
+        tasks = [
+            t
+            for t in [state.get("resync"), state.get("autoscale"), *state.get("child-watches", [])]
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -248,6 +313,7 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
             known.pop(key, None)
             if "reconciler" in state:
                 await reconciler().forget(*key)
+                state["scaler"].forget(*key)
         else:
             # Without managedFields: the reconciler never reads them, and 100 copies add up.
             meta = {k: v for k, v in body.get("metadata", {}).items() if k != "managedFields"}
@@ -269,7 +335,7 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
     def probe(**_: Any) -> str:
         if "reconciler" not in state:
             return "starting"
-        for task in [state.get("resync"), *state.get("child-watches", [])]:
+        for task in [state.get("resync"), state.get("autoscale"), *state.get("child-watches", [])]:
             if task is not None and task.done():
                 # A loop died: report it so the liveness probe restarts the pod.
                 raise RuntimeError(f"{task.get_name()} stopped")

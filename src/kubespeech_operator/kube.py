@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import json
 import os
 import ssl
@@ -398,6 +399,38 @@ class KubeClient:
                 if self.http.is_closed:
                     return
                 await asyncio.sleep(1.0)  # the server went away; resume from the last version seen
+
+    async def post_event(
+        self, about: Mapping[str, Any], *, reason: str, message: str, type_: str = "Normal"
+    ) -> None:
+        """A core/v1 Event on ``about`` (a SpeechDeployment), as ``kubectl describe`` shows them."""
+        meta = about.get("metadata") or {}
+        namespace = str(meta.get("namespace") or "default")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": about.get("apiVersion"),
+                "kind": about.get("kind"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "reason": reason[:128],
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "kubespeech-operator"},
+            "reportingComponent": "kubespeech-operator",
+            "reportingInstance": "kubespeech-operator",
+            "action": reason[:128],
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+            "count": 1,
+        }
+        await self.create(Resource("v1", "events"), namespace, event)
 
     async def served_resources(self, group_version: str) -> set[str]:
         """Plural names the API server serves in ``group_version`` (empty when the group is unknown)."""

@@ -47,6 +47,9 @@ IMAGE_TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 MAX_NAME_LENGTH = 30
 MAX_POOL_NAME_LENGTH = 20
 MAX_POOLS = 16
+# Consecutive polls without a queue depth after which a pool goes to autoscaling.fallbackReplicas (the
+# operator's autoscaler and a KEDA ScaledObject's fallback.failureThreshold both use it).
+FALLBACK_AFTER_FAILED_POLLS = 3
 
 
 class SpecError(ValueError):
@@ -606,12 +609,39 @@ class AutoscalingSpec(KubeModel):
                     "idleReplicas must not exceed minReplicas",
                     ".idleReplicas",
                 ),
+                cel(
+                    "!has(self.fallbackReplicas) || !has(self.maxReplicas)"
+                    " || self.fallbackReplicas <= self.maxReplicas",
+                    "fallbackReplicas must not exceed maxReplicas",
+                    ".fallbackReplicas",
+                ),
+                cel(
+                    "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
+                    "mode hpa needs minReplicas of at least 1: a HorizontalPodAutoscaler cannot scale to zero",
+                    ".minReplicas",
+                ),
+                cel(
+                    "!has(self.mode) || self.mode != 'keda' || !has(self.idleReplicas)"
+                    " || self.idleReplicas == 0 || (has(self.minReplicas) && self.idleReplicas == self.minReplicas)",
+                    "mode keda supports idleReplicas 0 only (KEDA's idleReplicaCount)",
+                    ".idleReplicas",
+                ),
             ]
         }
     )
 
     enabled: bool = False
     """Scale this pool on its queue depth and active streams."""
+    mode: Literal["operator", "keda", "hpa"] = "operator"
+    """Who decides the pool's replicas while enabled. operator: the operator's own autoscaler, which reads the
+    queue's waiting + in-flight jobs (and live streams) every pollingIntervalSeconds; pools sharing a queue
+    fill in declaration order. keda: a KEDA ScaledObject (KEDA must be installed) whose redis-streams trigger
+    reads the same count (the stream's XLEN), with a TriggerAuthentication taking the Redis password from its
+    Secret; idleReplicas may only be 0 and targetActiveStreams does not apply. hpa: a HorizontalPodAutoscaler
+    on the external metric kubespeech_queue_jobs{model=<modelName>}, which a metrics adapter (e.g.
+    prometheus-adapter) must serve; it cannot scale to zero (minReplicas >= 1), and idleReplicas,
+    activationQueueDepth, targetActiveStreams, pollingIntervalSeconds, cooldownSeconds and fallbackReplicas do
+    not apply. With keda and hpa, pools sharing a queue each scale on the whole queue."""
     min_replicas: int = Field(1, ge=0, le=1000)
     """Fewest replicas while there is traffic (0 allows scale to zero: the first request waits for a cold start)."""
     max_replicas: int = Field(4, ge=1, le=1000)
@@ -621,10 +651,11 @@ class AutoscalingSpec(KubeModel):
     target_queue_depth_per_replica: int = Field(4, ge=1, le=100000)
     """Queued jobs per replica the autoscaler aims for."""
     activation_queue_depth: int = Field(0, ge=0, le=100000)
-    """Queue depth above which a pool at zero replicas wakes up."""
+    """Jobs (waiting and in flight) that wake a pool at zero replicas: at least max(1, this), so 0 or 1
+    means a single queued job wakes it."""
     target_active_streams: int | None = Field(None, ge=1, le=100000)
     """Live streaming sessions per replica the autoscaler aims for; streams are ignored when unset."""
-    polling_interval_seconds: int = Field(5, ge=1, le=3600)
+    polling_interval_seconds: int = Field(2, ge=1, le=3600)
     """How often the queue depth is read."""
     cooldown_seconds: int = Field(300, ge=0, le=86400)
     """Quiet time before scaling down to idleReplicas."""
@@ -632,6 +663,13 @@ class AutoscalingSpec(KubeModel):
     """Limits on scaling up."""
     scale_down: ScalingRules | None = None
     """Limits on scaling down."""
+    fallback_replicas: int | None = Field(None, ge=0, le=1000)
+    """Replicas to go to once the queue depth could not be read for 3 polls in a row (Redis down or
+    unreachable); unset: keep the current count. Missing data never scales a pool to zero: a fallback of 0
+    holds a running pool instead of stopping it. At most maxReplicas."""
+    cold_start_wait_seconds: int | None = Field(None, ge=0, le=600)
+    """How long the API holds a request for this pool's model while it is at zero replicas before answering
+    503 with Retry-After; the API's own default when unset."""
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -639,6 +677,15 @@ class AutoscalingSpec(KubeModel):
             raise ValueError("minReplicas: minReplicas must not exceed maxReplicas")
         if self.idle_replicas is not None and self.idle_replicas > self.min_replicas:
             raise ValueError("idleReplicas: idleReplicas must not exceed minReplicas")
+        if self.fallback_replicas is not None and self.fallback_replicas > self.max_replicas:
+            raise ValueError("fallbackReplicas: fallbackReplicas must not exceed maxReplicas")
+        if self.mode == "hpa" and self.min_replicas < 1:
+            raise ValueError(
+                "minReplicas: mode hpa needs minReplicas of at least 1: a HorizontalPodAutoscaler cannot"
+                " scale to zero"
+            )
+        if self.mode == "keda" and self.idle_replicas not in (None, 0, self.min_replicas):
+            raise ValueError("idleReplicas: mode keda supports idleReplicas 0 only (KEDA's idleReplicaCount)")
         return self
 
 
@@ -1011,6 +1058,18 @@ class PoolStatus(KubeModel):
     """Jobs waiting in the pool's queue."""
     active_streams: int = 0
     """Live streaming sessions on the pool's queue."""
+    in_flight: int | None = None
+    """Jobs taken by a worker and not yet answered (autoscaled pools)."""
+    state: Literal["ColdStarting"] | None = None
+    """ColdStarting: work is queued and no worker of the model is ready yet (requests are held meanwhile)."""
+    autoscaler_reason: str | None = None
+    """The autoscaler's last decision for the pool, e.g. Steady, ScaleUp, WakeFromZero, MissingData."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed the pool's replicas (RFC 3339)."""
+    last_scale_reason: str | None = None
+    """Why it did, e.g. WakeFromZero, ScaleUp, ScaleDown, ScaleToZero, LicenseClamp."""
+    last_cold_start_seconds: float | None = None
+    """Seconds from the first queued job at zero replicas to the first ready worker, last time."""
     message: str | None = None
     """Why pods are not ready or cannot schedule, if so."""
 

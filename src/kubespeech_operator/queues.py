@@ -1,8 +1,8 @@
 """Read each pool's queue depth, and the license proxy's verdict, from a stack's Redis within a time budget.
 
 The operator may not reach Redis (it runs outside the cluster, or a NetworkPolicy is stricter than the
-chart's): then depths stay 0, the status says so, and Redis is not retried for a while, so a status
-refresh never waits on an unreachable server every time.
+chart's): then depths stay 0, the status says so, and Redis is not retried for a few seconds, so a poll
+never waits on an unreachable server every time while the autoscaler still notices its return quickly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import base64
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -36,6 +36,7 @@ class StackReading:
 
     depths: dict[str, int]
     note: str | None = None
+    in_flight: dict[str, int] = field(default_factory=dict)
     verdict: LicenseVerdict | None = None
     reachable: bool = False
 
@@ -51,9 +52,7 @@ class _Connection:
 class QueueDepthReader:
     """Queue depths per model name, one cached Redis client per SpeechDeployment."""
 
-    def __init__(
-        self, kube: KubeClient, *, timeout_s: float = 1.0, retry_unreachable_s: float = 60.0
-    ) -> None:
+    def __init__(self, kube: KubeClient, *, timeout_s: float = 1.0, retry_unreachable_s: float = 5.0) -> None:
         self.kube = kube
         self.timeout_s = timeout_s
         self.retry_unreachable_s = retry_unreachable_s
@@ -105,12 +104,12 @@ class QueueDepthReader:
         keys = Keys(spec.redis.key_prefix)
         try:
             async with asyncio.timeout(self.timeout_s):
-                depths = {}
+                depths, in_flight = {}, {}
                 for model in models:
                     depth = await queue_depth(client, keys, model)
-                    depths[model] = depth.waiting
+                    depths[model], in_flight[model] = depth.waiting, depth.in_flight
                 verdict = await read_verdict(client, spec.redis.key_prefix)
-                return StackReading(depths, None, verdict, reachable=True)
+                return StackReading(depths, None, in_flight, verdict, reachable=True)
         except Exception as exc:  # any Redis failure only means "depth unknown"
             logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
             await self._close(connection)

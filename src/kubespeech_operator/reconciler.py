@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 SPEECH_DEPLOYMENTS = Resource(f"{GROUP}/{VERSION}", PLURAL)
 PODS = Resource("v1", "pods")
 SECRETS = Resource("v1", "secrets")
-SERVICE_MONITOR_API = "monitoring.coreos.com/v1"
+# Kinds that exist only when another project's CRD is installed (Prometheus operator, KEDA): skipped, not
+# failed, where the API server does not serve them; the status says so where a spec asked for one.
+OPTIONAL_APIS = {"monitoring.coreos.com/v1", "keda.sh/v1alpha1"}
 
 # Applied first: what workloads reference (a pod whose ServiceAccount or Secret is missing fails to start).
 FIRST_WAVE = {"ServiceAccount", "Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "NetworkPolicy"}
@@ -170,6 +172,12 @@ class Reconciler:
         )
         # The status last written per object: the body a timer gets may predate our own last write.
         self._written: dict[tuple[str, str], dict[str, Any]] = {}
+        self._workloads: dict[tuple[str, str], dict[str, JsonObject]] = {}
+        self._passwords: dict[tuple[str, str], str | None] = {}
+        # The autoscaler's view per pool, merged into the status (set by the operator when it runs one).
+        self.autoscaling_status: (
+            Callable[[str, str], tuple[dict[str, dict[str, Any]], tuple[str | None, str | None]]] | None
+        ) = None
 
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         key = (namespace, name)
@@ -181,7 +189,17 @@ class Reconciler:
 
     async def forget(self, namespace: str, name: str) -> None:
         self._written.pop((namespace, name), None)
+        self._workloads.pop((namespace, name), None)
+        self._passwords.pop((namespace, name), None)
         await self.queues.forget(namespace, name)
+
+    def workloads(self, namespace: str, name: str) -> dict[str, JsonObject]:
+        """Deployment name → live Deployment of a stack, as its last reconcile saw them (for the autoscaler)."""
+        return self._workloads.get((namespace, name), {})
+
+    def redis_password(self, namespace: str, name: str) -> str | None:
+        """The embedded Redis password the last reconcile used (None: external Redis or not known yet)."""
+        return self._passwords.get((namespace, name))
 
     async def reconcile(self, body: Mapping[str, Any]) -> ReconcileOutcome:
         """Bring the children of ``body`` to the desired state and write its status.
@@ -226,6 +244,14 @@ class Reconciler:
             uid = str((body.get("metadata") or {}).get("uid") or "")
             outcome.children = await self._apply_all(name, namespace, uid, children, autoscaled)
             observed = await self._observe(name, namespace, spec, outcome.children, password)
+            self._passwords[(namespace, name)] = password
+            self._workloads[(namespace, name)] = {
+                str(c.live["metadata"]["name"]): c.live
+                for c in outcome.children
+                if c.live is not None and c.manifest.get("kind") == "Deployment"
+            }
+            if self.autoscaling_status is not None:
+                observed.autoscaling, observed.autoscaling_notes = self.autoscaling_status(namespace, name)
         except ReconcileError as exc:
             outcome.error = exc
         except ApiError as exc:
@@ -267,12 +293,16 @@ class Reconciler:
         children: Sequence[Mapping[str, Any]],
         autoscaled: set[str],
     ) -> list[ChildResult]:
-        monitoring = await self.kube.has_resource(SERVICE_MONITOR_API, "servicemonitors")
-        live = await self._owned_children(name, namespace, uid, monitoring=monitoring)
+        served = {
+            (api_version, plural)
+            for api_version, _kind, plural in builders.CHILD_KINDS
+            if api_version not in OPTIONAL_APIS or await self.kube.has_resource(api_version, plural)
+        }
+        live = await self._owned_children(name, namespace, uid, served=served)
         semaphore = asyncio.Semaphore(self.apply_concurrency)
 
         async def apply(manifest: Mapping[str, Any]) -> ChildResult:
-            if manifest.get("apiVersion") == SERVICE_MONITOR_API and not monitoring:
+            if (manifest.get("apiVersion"), resource_of(manifest).plural) not in served:
                 return ChildResult(manifest, "skipped")
             meta = manifest.get("metadata") or {}
             autoscaled_pool = manifest.get("kind") == "Deployment" and meta.get("name") in autoscaled
@@ -294,12 +324,12 @@ class Reconciler:
         return results
 
     async def _owned_children(
-        self, name: str, namespace: str, uid: str, *, monitoring: bool
+        self, name: str, namespace: str, uid: str, *, served: set[tuple[str, str]]
     ) -> dict[ChildKey, JsonObject]:
         """Every live child of this SpeechDeployment: the stack's labels narrow the list, the controller
         owner reference decides (objects that others created, even with our labels, are never ours)."""
         selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={MANAGED_BY}"
-        kinds = [k for k in builders.CHILD_KINDS if monitoring or k[0] != SERVICE_MONITOR_API]
+        kinds = [k for k in builders.CHILD_KINDS if (k[0], k[2]) in served]
 
         async def list_kind(api_version: str, kind: str, plural: str) -> list[JsonObject]:
             try:

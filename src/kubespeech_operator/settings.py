@@ -33,6 +33,10 @@ class OperatorSettings(BaseSettings):
     liveness_port: int = Field(
         8080, ge=0, le=65535, description="Port of the liveness endpoint (0: disabled)."
     )
+    metrics_host: str = Field("0.0.0.0", description="Address of the Prometheus metrics endpoint.")
+    metrics_port: int = Field(
+        8081, ge=0, le=65535, description="Port of the Prometheus metrics endpoint (autoscaler; 0: disabled)."
+    )
     resync_interval_s: float = Field(
         30.0,
         gt=0,

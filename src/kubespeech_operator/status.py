@@ -67,6 +67,10 @@ class Observed:
     license_secret_found: bool | None = None
     license_verdict: LicenseVerdict | None = None
     redis_reachable: bool = False
+    # The built-in autoscaler's view per pool (``asr/l4`` → status fields), and its notes: missing queue
+    # data, license clamp.
+    autoscaling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    autoscaling_notes: tuple[str | None, str | None] = (None, None)
 
 
 def desired_replicas(obj: Mapping[str, Any]) -> int:
@@ -163,6 +167,10 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
             "queueDepth": observed.queue_depths.get(queue_names.get(workload.label, ""), 0),
             "activeStreams": 0,
         }
+        scaling = observed.autoscaling.get(workload.label)
+        if scaling is not None:
+            # The autoscaler's own view: what it read and decided (the live Deployment may lag a moment).
+            entry.update({k: v for k, v in scaling.items() if k != "desiredReplicas"})
         message = pool_scheduling_message(workload.label, observed.pods.get(workload.label, []))
         if message:
             entry["message"] = message
@@ -180,7 +188,12 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
             wanted.append(Condition(type_, "True", "NoPools", f"no {task.upper()} pools are configured"))
             continue
         short = [e for e in entries if e["readyReplicas"] < e["desiredReplicas"]]
-        if short:
+        cold = [e for e in entries if e.get("state") == "ColdStarting"]
+        if cold:
+            names = ", ".join(f"{task}/{e['name']}" for e in cold)
+            wanted.append(Condition(type_, "False", "ColdStarting",
+                                    f"{names}: scaling from zero for queued work; requests are held meanwhile"))  # fmt: skip
+        elif short:
             wanted.append(Condition(type_, "False", "PoolsNotReady", "; ".join(e["message"] for e in short)))
         elif all(e["desiredReplicas"] == 0 for e in entries):
             wanted.append(
@@ -278,6 +291,27 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
         )
     else:
         wanted.append(Condition(cond.PROGRESSING, "False", "ReconcileComplete", "every child is up to date"))
+
+    unserved = sorted({c.ref for c in observed.children if c.action == "skipped" and c.manifest.get("kind") in (
+        "ScaledObject", "TriggerAuthentication")})  # fmt: skip
+    if unserved:
+        message = ("autoscaling.mode keda needs KEDA: keda.sh/v1alpha1 is not served by this cluster, so "
+                   f"{', '.join(unserved)} cannot be created; install KEDA or use mode operator")  # fmt: skip
+        problems.append(("KedaNotInstalled", message))
+
+    if observed.autoscaling:
+        missing, clamped = observed.autoscaling_notes
+        if missing:
+            wanted.append(Condition(cond.SCALING_ACTIVE, "False", "QueueDepthUnavailable", missing))
+        else:
+            wanted.append(Condition(cond.SCALING_ACTIVE, "True", "ReadingQueues",
+                                    f"{len(observed.autoscaling)} pool(s) scaled on queue depth"))  # fmt: skip
+        if clamped:
+            wanted.append(Condition(cond.SCALING_LIMITED, "True", "LicenseClamp", clamped))
+        else:
+            wanted.append(
+                Condition(cond.SCALING_LIMITED, "False", "WithinLimits", "no license limit reached")
+            )
 
     problem_text = "; ".join(message for _, message in problems)
     if problems:

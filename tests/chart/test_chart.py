@@ -145,7 +145,7 @@ def test_rbac_covers_every_child_kind_and_nothing_wider() -> None:
         assert {"list", "create", "patch", "delete"} <= grants[(group, plural)], plural
     assert grants[("kubespeech.io", "speechdeployments")] == {"list", "watch", "patch"}
     assert grants[("kubespeech.io", "speechdeployments/status")] == {"patch"}
-    assert grants[("", "pods")] == {"list"}
+    assert grants[("", "pods")] == {"list", "patch"}
     assert grants[("", "events")] == {"create"}
     for (group, resource), verbs in grants.items():
         assert "*" not in verbs and resource != "*" and group != "*"

@@ -186,3 +186,21 @@ async def test_a_garbled_verdict_reads_as_not_usable_and_never_raises(
     assert verdict is not None
     assert (verdict.state, verdict.usable) == (state, False)
     assert verdict.updated_at_unix == 0.0 and verdict.expires_at_unix is None and verdict.license_id is None
+
+
+async def test_the_verdict_carries_the_licenses_scaling_limits(
+    vendor: Vendor, start_proxy: StartProxy
+) -> None:
+    """The operator's autoscaler clamps replicas to these; unlimited licenses carry none."""
+    token = vendor.token(
+        mode="offline", license_id="lic_limits", limits={"max_worker_replicas": 3, "max_gpus": 2}
+    )
+    p = await start_proxy(token)
+    verdict = await eventually(lambda: read_verdict(p.redis, p.prefix), lambda v: v is not None)
+    assert (verdict.max_worker_replicas, verdict.max_gpus) == (3, 2)
+    raw = await _raw_verdict(p)
+    assert (raw["max_worker_replicas"], raw["max_gpus"]) == ("3", "2")
+    unlimited = LicenseVerdict.from_hash(
+        {"state": "valid", "usable": "1", "max_gpus": "-1", "max_worker_replicas": "x"}
+    )
+    assert unlimited is not None and (unlimited.max_worker_replicas, unlimited.max_gpus) == (None, None)

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -88,8 +89,9 @@ def settings_for(kubeconfig: Path, namespace: str, **overrides: object) -> Opera
         "namespaces": namespace,
         "liveness_host": "127.0.0.1",
         "liveness_port": free_port(),
+        "metrics_port": 0,  # a test that reads metrics sets one (the server cannot be stopped in-process)
         "resync_interval_s": 0.5,
-        "redis_timeout_s": 0.3,
+        "redis_timeout_s": 1.0,
         "log_format": "text",
         "pod_name": "operator-under-test",
     }
@@ -106,6 +108,48 @@ def operator_settings(k8s: ApiServer, namespace: str, tmp_path: Path) -> Operato
 async def operator(operator_settings: OperatorSettings) -> AsyncIterator[RunningOperator]:
     async with operator_running(operator_settings) as running:
         yield running
+
+
+def _open_crd(group: str, kind: str, plural: str, version: str) -> dict[str, Any]:
+    """A CRD that accepts any object of its kind (the real schema is the other project's business)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower()},
+            "versions": [{"name": version, "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture
+def keda_crds(k8s: ApiServer) -> Iterator[None]:
+    """KEDA's ScaledObject and TriggerAuthentication kinds, removed again after the test."""
+    crds = [_open_crd("keda.sh", kind, plural, "v1alpha1")
+            for kind, plural in (("ScaledObject", "scaledobjects"), ("TriggerAuthentication", "triggerauthentications"))]  # fmt: skip
+    with k8s.client() as client:
+        for crd in crds:
+            assert apply(client, crd, "customresourcedefinitions").status_code in (200, 201)
+            wait_crd_established(client, crd["metadata"]["name"])
+    yield
+    with k8s.client() as client:
+        for crd in crds:
+            _delete_crd(client, crd["metadata"]["name"])
+
+
+def _delete_crd(client: Any, name: str) -> None:
+    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+    client.delete(path)
+    # Gone only once its objects are cleaned up; a test that recreates it meanwhile would get the
+    # terminating one, which then disappears under it.
+    deadline = time.monotonic() + 30
+    while client.get(path).status_code != 404:
+        assert time.monotonic() < deadline, f"CRD {name} was not deleted in 30 s"
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -128,12 +172,5 @@ def monitoring_crd(k8s: ApiServer) -> Iterator[None]:
         assert apply(client, crd, "customresourcedefinitions").status_code in (200, 201)
         wait_crd_established(client, crd["metadata"]["name"])
     yield
-    path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
     with k8s.client() as client:
-        client.delete(path)
-        # Gone only once its objects are cleaned up; a test that recreates it meanwhile would get the
-        # terminating one, which then disappears under it.
-        deadline = time.monotonic() + 30
-        while client.get(path).status_code != 404:
-            assert time.monotonic() < deadline, "the ServiceMonitor CRD was not deleted in 30 s"
-            time.sleep(0.1)
+        _delete_crd(client, crd["metadata"]["name"])

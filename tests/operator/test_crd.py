@@ -285,6 +285,42 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _set(f"{ASR0}.autoscaling", {"minReplicas": 1, "maxReplicas": 2, "idleReplicas": 2}),
         "spec.asr.pools[0].autoscaling.idleReplicas",
     ),
+    (
+        "hpa with min replicas 0",
+        _set(f"{ASR0}.autoscaling", {"enabled": True, "mode": "hpa", "minReplicas": 0}),
+        "spec.asr.pools[0].autoscaling.minReplicas",
+    ),
+    (
+        "fallback above max replicas",
+        _set(f"{ASR0}.autoscaling", {"enabled": True, "maxReplicas": 4, "fallbackReplicas": 5}),
+        "spec.asr.pools[0].autoscaling.fallbackReplicas",
+    ),
+    (
+        # maxReplicas left to its default (4): the API server fills it in before the rule reads it.
+        "fallback above the default max replicas",
+        _set(f"{ASR0}.autoscaling", {"fallbackReplicas": 5}),
+        "spec.asr.pools[0].autoscaling.fallbackReplicas",
+    ),
+    (
+        "polling interval 0",
+        _set(f"{ASR0}.autoscaling", {"enabled": True, "pollingIntervalSeconds": 0}),
+        "spec.asr.pools[0].autoscaling.pollingIntervalSeconds",
+    ),
+    (
+        "keda with idle replicas between 0 and min",
+        _set(f"{ASR0}.autoscaling", {"mode": "keda", "minReplicas": 3, "maxReplicas": 6, "idleReplicas": 1}),
+        "spec.asr.pools[0].autoscaling.idleReplicas",
+    ),
+    (
+        "unknown autoscaling mode",
+        _set(f"{ASR0}.autoscaling", {"mode": "vpa"}),
+        "spec.asr.pools[0].autoscaling.mode",
+    ),
+    (
+        "cold start wait too long",
+        _set(f"{ASR0}.autoscaling", {"coldStartWaitSeconds": 601}),
+        "spec.asr.pools[0].autoscaling.coldStartWaitSeconds",
+    ),
     ("external redis without external", _set("spec.redis", {"mode": "external"}), "spec.redis.external"),
     (
         "external redis without url",

@@ -62,6 +62,7 @@ async def test_operator_runs_as_a_uid_without_a_passwd_entry(
         "KUBESPEECH_OPERATOR_POD_NAME": "kubespeech-operator-7d9f-abcde",
         "KUBESPEECH_OPERATOR_POD_NAMESPACE": "kubespeech-system",
         "KUBESPEECH_OPERATOR_LOG_FORMAT": "text",
+        "KUBESPEECH_OPERATOR_METRICS_PORT": str(free_port()),
     }  # no HOME, USER or LOGNAME: what a container with an arbitrary uid has
 
     def demote() -> None:

@@ -9,12 +9,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from redis.asyncio import Redis
 
+from kubespeech.jobs import JobClient
+from kubespeech.jobs.protocol import Keys
+from kubespeech_operator.scaler import DELETION_COST
 from tests.chart.test_chart import CHART, render
+from tests.conftest import RedisServer, free_port
 from tests.envtest import ApiServer, api_path, ensure_namespace
 from tests.operator.conftest import operator_running, settings_for
 from tests.operator.k8s import Kube, condition, cpu_spec, wait_for
@@ -75,17 +82,90 @@ def used_requests(server: ApiServer, username: str) -> tuple[set[tuple[str, str,
     return used, refused
 
 
-async def scenario(kube: Kube) -> None:
+class InFlightEndpoint:
+    """A worker's health port as the autoscaler reads it before a scale-down (``GET /inflight``)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.hits = 0
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> InFlightEndpoint:
+        async def inflight(_: web.Request) -> web.Response:
+            self.hits += 1
+            return web.json_response({"in_flight": 0, "draining": False})
+
+        app = web.Application()
+        app.router.add_get("/inflight", inflight)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def scale_down_with_a_pod(kube: Kube, redis_url: str, spec: dict[str, Any]) -> None:
+    """The built-in autoscaler wakes a pool on queued jobs, then scales it down when they are gone, first
+    pricing its pods by their in-flight work (pods are read and annotated)."""
+    prefix = f"rb{uuid.uuid4().hex[:6]}"
+    spec["redis"] = {"mode": "external", "external": {"url": redis_url}, "keyPrefix": prefix}
+    spec["asr"]["pools"][0]["autoscaling"] = {
+        "enabled": True, "minReplicas": 0, "maxReplicas": 3, "targetQueueDepthPerReplica": 1,
+        "pollingIntervalSeconds": 1, "cooldownSeconds": 1}  # fmt: skip
+    await kube.update_sd("rb", spec)
+    redis = Redis.from_url(redis_url)
+    try:
+        jobs = JobClient(redis, prefix=prefix)
+        for _ in range(2):
+            await jobs.submit("whisper-tiny", {"kind": "noop"}, b"x", timeout_s=60)
+
+        async def scaled_to(n: int) -> bool:
+            dep = await kube.child("Deployment", "rb-asr-cpu")
+            return bool(dep) and dep["spec"].get("replicas") == n
+
+        await wait_for(lambda: scaled_to(2), what="woken by queued jobs")
+        dep = await kube.child("Deployment", "rb-asr-cpu")
+        async with InFlightEndpoint() as endpoint:
+            await kube.create("v1", "pods", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "rb-asr-cpu-1", "labels": dep["spec"]["selector"]["matchLabels"]},
+                "spec": {"containers": [{"name": "worker", "image": "example.com/w:1",
+                                         "ports": [{"name": "health", "containerPort": endpoint.port}]}]}})  # fmt: skip
+            await kube.merge_patch("v1", "pods", "rb-asr-cpu-1", {"status": {"podIP": "127.0.0.1"}},
+                                   subresource="status", manager="kubelet")  # fmt: skip
+            await redis.delete(Keys(prefix).queue("whisper-tiny"))
+            await wait_for(lambda: scaled_to(0), timeout=30, what="scaled down once the queue is empty")
+
+            async def priced() -> bool:
+                pod = await kube.get("v1", "pods", "rb-asr-cpu-1")
+                return (pod or {}).get("metadata", {}).get("annotations", {}).get(DELETION_COST) == "0"
+
+            await wait_for(priced, what="pod-deletion-cost set from the worker's in-flight count")
+            assert endpoint.hits >= 1
+    finally:
+        await redis.aclose()
+
+
+async def scenario(kube: Kube, redis_url: str) -> None:
     """Everything the operator does for a stack, so that every permission it needs is exercised."""
     spec = cpu_spec(monitoring={"serviceMonitor": {"enabled": True}})
     spec["api"]["ingress"] = {"enabled": True, "host": "speech.example.com"}
     spec["asr"]["pools"][0]["model"] = {"source": "https://models.example.com/tiny.bin"}
+    # Pools sized by KEDA and by an HPA: their ScaledObject, TriggerAuthentication and HPA are applied.
+    spec["asr"]["pools"].append({"name": "kd", "engine": "whisper", "modelName": "whisper-kd",
+                                 "autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 0}})  # fmt: skip
+    spec["tts"]["pools"].append({"name": "hp", "engine": "piper", "modelName": "joe-hp",
+                                 "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 1}})  # fmt: skip
     await kube.create_license_secret()
     await kube.create_sd("rb", spec)
 
     async def created() -> bool:
         kinds = {k for k, _ in await kube.children("rb")}
-        return {"Deployment", "Job", "Ingress", "ServiceMonitor", "StatefulSet"} <= kinds
+        return {"Deployment", "Job", "Ingress", "ServiceMonitor", "StatefulSet", "ScaledObject",
+                "TriggerAuthentication", "HorizontalPodAutoscaler"} <= kinds  # fmt: skip
 
     await wait_for(created, what="children created")
     # A changed download replaces its Job.
@@ -112,6 +192,7 @@ async def scenario(kube: Kube) -> None:
     minimal["networkPolicy"] = {"enabled": False}
     minimal["podDisruptionBudgets"] = {"enabled": False}
     minimal["redis"] = {"mode": "external", "external": {"url": "redis://redis.example:6379/0"}}
+    minimal["asr"]["pools"] = minimal["asr"]["pools"][:1]
     minimal["asr"]["pools"][0]["model"] = {}
     minimal["tts"] = {"pools": []}
     await kube.update_sd("rb", minimal)
@@ -119,9 +200,11 @@ async def scenario(kube: Kube) -> None:
     async def pruned() -> bool:
         kinds = {k for k, _ in await kube.children("rb")}
         return not kinds & {"Ingress", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget", "StatefulSet",
-                            "Job", "PersistentVolumeClaim"} and ("ConfigMap", "rb-legacy") not in await kube.children("rb")  # fmt: skip
+                            "Job", "PersistentVolumeClaim", "ScaledObject", "TriggerAuthentication",
+                            "HorizontalPodAutoscaler"} and ("ConfigMap", "rb-legacy") not in await kube.children("rb")  # fmt: skip
 
     await wait_for(pruned, what="children pruned")
+    await scale_down_with_a_pod(kube, redis_url, minimal)
     # Workloads turning ready reach the status through the watch.
     await kube.set_workloads_ready("rb")
 
@@ -129,7 +212,10 @@ async def scenario(kube: Kube) -> None:
         c = condition(await kube.sd("rb"), "ASRReady")
         return bool(c and c["status"] == "True")
 
-    await wait_for(reported, what="ASRReady")
+    try:
+        await wait_for(reported, what="ASRReady")
+    except AssertionError:
+        raise AssertionError(str((await kube.sd("rb"))["status"])) from None
     await asyncio.sleep(1.5)  # a few resync ticks
     await kube.delete("kubespeech.io/v1alpha1", "speechdeployments", "rb")
     await asyncio.sleep(0.5)
@@ -137,7 +223,12 @@ async def scenario(kube: Kube) -> None:
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 async def test_operator_needs_exactly_the_chart_rbac(
-    k8s: ApiServer, monitoring_crd: None, tmp_path: Path, mode: str
+    k8s: ApiServer,
+    monitoring_crd: None,
+    keda_crds: None,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mode: str,
 ) -> None:
     index = next(_installs)
     release_ns, stack_ns = f"ks-system-{index}", f"speech-rbac-{index}"
@@ -157,7 +248,7 @@ async def test_operator_needs_exactly_the_chart_rbac(
         pod_namespace=release_ns,
     )
     async with Kube.admin(k8s, stack_ns) as kube, operator_running(settings):
-        await scenario(kube)
+        await scenario(kube, redis_server.url)
 
     used, refused = used_requests(k8s, f"system:serviceaccount:{release_ns}:{account}")
     assert refused == [], "the operator was refused: the chart's RBAC misses these"

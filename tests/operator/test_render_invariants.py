@@ -154,6 +154,40 @@ def test_worker_pods_follow_the_pool(case: tuple[SpeechDeploymentSpec, list[dict
         assert "preStop" in container["lifecycle"]
 
 
+def test_autoscalers_follow_the_pools(case: tuple[SpeechDeploymentSpec, list[dict[str, Any]]]) -> None:
+    """One ScaledObject per keda pool and one HPA per hpa pool, each on its pool's Deployment; none otherwise."""
+    spec, children = case
+    name = children[0]["metadata"]["labels"]["app.kubernetes.io/instance"]
+    deployments = {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"}
+    for kind, mode in (("ScaledObject", "keda"), ("HorizontalPodAutoscaler", "hpa")):
+        scalers = {c["metadata"]["name"]: c for c in children if c["kind"] == kind}
+        pools = {
+            f"{name}-{task}-{pool.name}": pool
+            for task, pool in spec.pools()
+            if pool.autoscaling.enabled and pool.autoscaling.mode == mode
+        }
+        assert set(scalers) == set(pools)
+        for scaler_name, scaler in scalers.items():
+            target = scaler["spec"]["scaleTargetRef"]
+            assert (target["apiVersion"], target["kind"], target["name"]) == (
+                "apps/v1",
+                "Deployment",
+                scaler_name,
+            )
+            assert scaler_name in deployments
+            bounds = (
+                ("minReplicaCount", "maxReplicaCount") if mode == "keda" else ("minReplicas", "maxReplicas")
+            )
+            scaling = pools[scaler_name].autoscaling
+            assert [scaler["spec"][key] for key in bounds] == [scaling.min_replicas, scaling.max_replicas]
+    auths = [c for c in children if c["kind"] == "TriggerAuthentication"]
+    assert len(auths) <= 1
+    for auth in auths:
+        for ref in auth["spec"]["secretTargetRef"]:
+            # KEDA reads the password from a Secret: only a reference is rendered, never a value.
+            assert set(ref) == {"parameter", "name", "key"}
+
+
 def test_network_policies_expose_only_the_api(
     case: tuple[SpeechDeploymentSpec, list[dict[str, Any]]],
 ) -> None:
@@ -176,13 +210,21 @@ def test_network_policies_expose_only_the_api(
     (rule,) = by_name[f"{name}-license-proxy"]["spec"]["ingress"]
     assert rule["from"] == from_stack
     if spec.redis.mode == "embedded":
-        # Redis: the stack's pods, and the operator's (it reads queue depths), labelled by the chart.
-        stack_rule, operator_rule = by_name[f"{name}-redis"]["spec"]["ingress"]
+        # Redis: the stack's pods, the operator's (it reads queue depths), labelled by the chart, and KEDA's
+        # operator when a pool is scaled by KEDA (its scaler reads the stream length).
+        stack_rule, operator_rule, *keda_rules = by_name[f"{name}-redis"]["spec"]["ingress"]
         assert stack_rule["from"] == from_stack
         assert operator_rule["from"] == [
             {"namespaceSelector": {}, "podSelector": {"matchLabels": {"kubespeech.io/operator": "true"}}}
         ]
-        assert operator_rule["ports"] == stack_rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+        keda = any(p.autoscaling.enabled and p.autoscaling.mode == "keda" for _, p in spec.pools())
+        assert [rule["from"] for rule in keda_rules] == (
+            [[{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "keda-operator"}}}]]
+            if keda
+            else []
+        )
+        for rule in [operator_rule, *keda_rules]:
+            assert rule["ports"] == stack_rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
 
 
 def test_redis_policy_admits_operator_pods_from_its_namespace_only_when_known() -> None:

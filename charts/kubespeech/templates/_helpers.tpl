@@ -76,7 +76,7 @@ kubespeech.image: "repository:tag" or "repository@digest"; the tag defaults to t
 kubespeech.namespacedRules: what the operator does inside a watched namespace. Children are listed by the
 stack's labels (to find and prune the ones no longer wanted), written with server-side apply (patch, and
 create when the apply creates the object) and deleted when pruned; Deployments and StatefulSets are also watched so the status follows their readiness;
-pods are only read for scheduling messages; Events are posted on SpeechDeployments.
+pods are read for scheduling messages and annotated with a deletion cost before a pool scales down; Events are posted on SpeechDeployments.
 tests/operator/test_rbac.py runs the operator with exactly these rules and compares them with the requests
 it made.
 */}}
@@ -108,9 +108,15 @@ it made.
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects", "triggerauthentications"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -49,6 +49,9 @@ class LicenseVerdict:
     reason: str | None = None
     license_id: str | None = None
     expires_at_unix: float | None = None
+    # The license's limits on what the operator may scale to (None: unlimited).
+    max_worker_replicas: int | None = None
+    max_gpus: int | None = None
 
     @classmethod
     def from_answer(cls, answer: Mapping[str, Any], *, now: float | None = None) -> LicenseVerdict:
@@ -62,6 +65,8 @@ class LicenseVerdict:
             reason=answer.get("reason"),
             license_id=answer.get("license_id"),
             expires_at_unix=float(expires) if expires is not None else None,
+            max_worker_replicas=_limit((answer.get("limits") or {}).get("max_worker_replicas")),
+            max_gpus=_limit((answer.get("limits") or {}).get("max_gpus")),
         )
 
     def to_hash(self) -> dict[str, str]:
@@ -77,6 +82,10 @@ class LicenseVerdict:
             fields["license_id"] = self.license_id
         if self.expires_at_unix is not None:
             fields["expires_at_unix"] = f"{self.expires_at_unix:.3f}"
+        if self.max_worker_replicas is not None:
+            fields["max_worker_replicas"] = str(self.max_worker_replicas)
+        if self.max_gpus is not None:
+            fields["max_gpus"] = str(self.max_gpus)
         return fields
 
     @classmethod
@@ -98,11 +107,22 @@ class LicenseVerdict:
             reason=data.get("reason") or None,
             license_id=data.get("license_id") or None,
             expires_at_unix=_number(data.get("expires_at_unix")),
+            max_worker_replicas=_limit(data.get("max_worker_replicas")),
+            max_gpus=_limit(data.get("max_gpus")),
         )
 
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _limit(value: Any) -> int | None:
+    """A non-negative whole limit, or None (unlimited, or unreadable: the proxy enforces it anyway)."""
+    try:
+        number = int(str(value)) if value is not None and str(value) != "" else None
+    except ValueError:
+        return None
+    return number if number is not None and number >= 0 else None
 
 
 def _number(value: str | None) -> float | None:

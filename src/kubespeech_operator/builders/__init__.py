@@ -16,6 +16,7 @@ from kubespeech_operator.builders.api import (
     build_ingress,
     models_file_entries,
 )
+from kubespeech_operator.builders.autoscaling import build_autoscalers
 from kubespeech_operator.builders.common import (
     INPUT_HASH_ANNOTATION,
     Context,
@@ -63,7 +64,9 @@ __all__ = [
 ]
 
 # Every kind build_children can return, as (apiVersion, kind, plural), in apply order: what the operator
-# must be allowed to create, patch and watch. ServiceMonitor only when that CRD exists in the cluster.
+# must be allowed to create, patch and watch. The KEDA kinds after the Deployments they scale, the
+# TriggerAuthentication before the ScaledObjects that reference it; ServiceMonitor and the KEDA kinds only
+# where their CRDs are installed.
 CHILD_KINDS: list[tuple[str, str, str]] = [
     ("v1", "ServiceAccount", "serviceaccounts"),
     ("v1", "Secret", "secrets"),
@@ -73,6 +76,9 @@ CHILD_KINDS: list[tuple[str, str, str]] = [
     ("v1", "Service", "services"),
     ("apps/v1", "StatefulSet", "statefulsets"),
     ("apps/v1", "Deployment", "deployments"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication", "triggerauthentications"),
+    ("keda.sh/v1alpha1", "ScaledObject", "scaledobjects"),
     ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     ("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
     ("networking.k8s.io/v1", "Ingress", "ingresses"),
@@ -135,6 +141,7 @@ def build_children(
             build_pool_deployment(ctx, task, pool, (replicas or {}).get(pool_key(task, pool.name)))
             for task, pool in spec.pools()
         ),
+        *build_autoscalers(ctx),
         *build_pdbs(ctx),
         *build_network_policies(ctx),
         build_ingress(ctx),

@@ -273,6 +273,16 @@ def env(name: str, value: str | int | float | bool) -> dict[str, str]:
     return {"name": name, "value": text}
 
 
+def redis_password_secret(ctx: Context) -> tuple[str, str] | None:
+    """(Secret name, key) of the Redis password: the generated one when embedded, the admin's when external."""
+    redis = ctx.spec.redis
+    if redis.mode == "embedded":
+        return ctx.redis_secret_name, REDIS_PASSWORD_KEY
+    if redis.external is not None and redis.external.password_secret_ref is not None:
+        return redis.external.password_secret_ref.name, redis.external.password_secret_ref.key
+    return None
+
+
 def redis_env_and_mounts(
     ctx: Context,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -285,14 +295,10 @@ def redis_env_and_mounts(
     ]
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    secret: tuple[str, str] | None = None
-    if redis.mode == "embedded":
-        secret = (ctx.redis_secret_name, REDIS_PASSWORD_KEY)
-    elif redis.external is not None:
-        if redis.external.password_secret_ref is not None:
-            secret = (redis.external.password_secret_ref.name, redis.external.password_secret_ref.key)
-        if redis.external.tls is not None and redis.external.tls.insecure_skip_verify:
-            variables.append(env("KUBESPEECH_REDIS_TLS_INSECURE_SKIP_VERIFY", True))
+    secret = redis_password_secret(ctx)
+    external = redis.external if redis.mode == "external" else None
+    if external is not None and external.tls is not None and external.tls.insecure_skip_verify:
+        variables.append(env("KUBESPEECH_REDIS_TLS_INSECURE_SKIP_VERIFY", True))
     if secret is not None:
         volumes.append(
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubespeech_operator.builders.autoscaling import KEDA_OPERATOR_POD_LABELS, pools_in_mode
 from kubespeech_operator.builders.common import (
     API_PORT,
     LICENSE_PROXY_PORT,
@@ -168,10 +169,20 @@ def build_network_policies(ctx: Context) -> list[Manifest]:
                     {"from": from_stack, "ports": [_port(REDIS_PORT)]},
                     # The operator reads queue depths (for the status and the autoscaler) from here.
                     {"from": [_operator_peer(ctx)], "ports": [_port(REDIS_PORT)]},
+                    *_keda_rules(ctx),
                 ],
             )
         )
     return policies
+
+
+def _keda_rules(ctx: Context) -> list[dict[str, Any]]:
+    """KEDA's scalers run in its operator's pods, in a namespace the stack does not know: any namespace,
+    selected by the label KEDA's manifests and chart give them (Redis still asks them for the password)."""
+    if not pools_in_mode(ctx.spec, "keda"):
+        return []
+    peer = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(KEDA_OPERATOR_POD_LABELS)}}
+    return [{"from": [peer], "ports": [_port(REDIS_PORT)]}]
 
 
 def build_worker_metrics_service(ctx: Context) -> Manifest:
