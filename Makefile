@@ -49,8 +49,8 @@ crds: venv ## Copy the canonical CRD into the Helm chart
 fuzz: venv ## Long schemathesis run against the API's OpenAPI spec
 	KUBESPEECH_FUZZ_EXAMPLES=5000 $(BIN)/pytest -q tests/api -k fuzz
 
-bench: venv ## Benchmarks: protocol overhead, engine vs stack, memory, API surfaces, operator (JSON in bench-results/)
-	$(BIN)/kubespeech bench -s protocol -s engine -s surfaces -s operator --out bench-results
+bench: venv ## Benchmarks: protocol overhead, engine vs stack, memory, API surfaces, operator, autoscaler (JSON in bench-results/)
+	$(BIN)/kubespeech bench -s protocol -s engine -s surfaces -s operator -s autoscaler --out bench-results
 
 e2e: venv ## End-to-end tests against the cluster in $$KUBECONFIG
 	$(BIN)/pytest -q tests/e2e

@@ -235,3 +235,133 @@ def run_operator_bench(sds: int = 100, samples: int = 5, resync_s: float = 10.0)
     if (checkout / "tests" / "envtest.py").exists() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     return asyncio.run(_bench(sds, samples, resync_s))
+
+
+AUTOSCALE_SPEC_POOL: dict[str, Any] = {
+    "enabled": True, "minReplicas": 0, "maxReplicas": 8, "targetQueueDepthPerReplica": 2,
+    "pollingIntervalSeconds": 1, "cooldownSeconds": 2,
+}  # fmt: skip
+
+
+async def _autoscale_bench(samples: int) -> dict[str, Any]:
+    """Queue change → Deployment ``spec.replicas`` change, as the API server stores it: wake from zero on one
+    job, and a burst of 8 (2 per replica → 4), each ``samples`` times; the operator is its own process."""
+    from redis.asyncio import Redis
+    from tests.conftest import start_redis
+    from tests.envtest import (
+        ApiServer,
+        api_path,
+        apply,
+        ensure_namespace,
+        start_apiserver,
+        wait_crd_established,
+    )
+
+    from kubespeech.jobs import JobClient
+    from kubespeech.jobs.protocol import Keys
+    from kubespeech_operator.builders.crd import build_crd
+
+    server: ApiServer = await asyncio.to_thread(start_apiserver)
+    redis_server = start_redis()
+    with server.client() as admin:
+        apply(admin, build_crd(), "customresourcedefinitions", manager="bench")
+        wait_crd_established(admin, build_crd()["metadata"]["name"])
+        ensure_namespace(admin, NAMESPACE)
+    redis = Redis.from_url(redis_server.url)
+    wake: list[float] = []
+    burst: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubespeech-bench-") as tmp:
+            kubeconfig = server.kubeconfig(Path(tmp) / "kubeconfig")
+            env = {**os.environ, "KUBESPEECH_OPERATOR_LOG_LEVEL": "WARNING",
+                   "KUBESPEECH_OPERATOR_METRICS_PORT": str(_free_port())}  # fmt: skip
+            command = [sys.executable, "-m", "kubespeech.cli", "operator", "--kubeconfig", str(kubeconfig),
+                       "--liveness-port", str(_free_port()), "-n", NAMESPACE]  # fmt: skip
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: ASYNC220
+            try:
+                async with httpx.AsyncClient(
+                    base_url=server.url, verify=server.ssl_context(),
+                    headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=30,
+                ) as kube:  # fmt: skip
+                    spec = {
+                        **BENCH_SPEC,
+                        "redis": {"mode": "external", "external": {"url": redis_server.url}},
+                    }
+                    spec["asr"] = {"pools": [{"name": "cpu", "engine": "whisper", "modelName": "whisper-tiny",
+                                              "autoscaling": AUTOSCALE_SPEC_POOL}]}  # fmt: skip
+                    body = {"apiVersion": "kubespeech.io/v1alpha1", "kind": "SpeechDeployment",
+                            "metadata": {"name": "scaled", "namespace": NAMESPACE}, "spec": spec}  # fmt: skip
+                    response = await kube.post(api_path("kubespeech.io/v1alpha1", "speechdeployments", NAMESPACE),
+                                               json=body)  # fmt: skip
+                    if response.status_code != 201:
+                        raise RuntimeError(f"create: {response.text}")
+                    path = api_path("apps/v1", "deployments", NAMESPACE, "scaled-asr-cpu")
+
+                    async def until(replicas: int, started: float, what: str) -> float:
+                        while True:
+                            response = await kube.get(path)
+                            if (
+                                response.status_code == 200
+                                and response.json()["spec"].get("replicas") == replicas
+                            ):
+                                return time.monotonic() - started
+                            if time.monotonic() - started > 60:
+                                raise TimeoutError(f"autoscaler bench: {what} not reached in 60 s")
+                            await asyncio.sleep(0.02)
+
+                    await until(0, time.monotonic(), "the pool at zero")
+                    jobs = JobClient(redis)
+                    queue = Keys().queue("whisper-tiny")
+                    for _ in range(samples):
+                        started = time.monotonic()
+                        await jobs.submit("whisper-tiny", {"kind": "noop"}, b"x", timeout_s=120)
+                        wake.append(await until(1, started, "wake from zero"))
+                        started = time.monotonic()
+                        for _ in range(7):
+                            await jobs.submit("whisper-tiny", {"kind": "noop"}, b"x", timeout_s=120)
+                        burst.append(await until(4, started, "burst → 4"))
+                        await redis.delete(queue)
+                        await until(0, time.monotonic(), "back to zero")
+            finally:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+    finally:
+        await redis.aclose()
+        if redis_server.process is not None:
+            redis_server.process.terminate()
+        server.stop()
+
+    import dataclasses
+
+    from kubespeech_operator.simulate import builtin_trace, simulate
+
+    simulated = {
+        trace: {who: dataclasses.asdict(result) for who, result in simulate(builtin_trace(trace)).items()}
+        for trace in ("single", "burst", "ramp")
+    }
+    return {
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()})",
+        "api": "kube-apiserver v1.28 + etcd and redis-server on loopback; pollingIntervalSeconds 1",
+        "wake_from_zero_s": {
+            "median": round(statistics.median(wake), 3),
+            "samples": [round(t, 3) for t in wake],
+        },
+        "burst_to_4_s": {
+            "median": round(statistics.median(burst), 3),
+            "samples": [round(t, 3) for t in burst],
+        },
+        "keda_hpa_defaults_reaction_s": "30 s KEDA polling, then 15 s HPA sync (up to 45 s)",
+        "simulated": simulated,
+    }
+
+
+def run_autoscaler_bench(samples: int = 5) -> dict[str, Any]:
+    """The autoscaler on a real API server, and the simulator's traces beside the KEDA+HPA model."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "tests" / "envtest.py").exists() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    return asyncio.run(_autoscale_bench(samples))

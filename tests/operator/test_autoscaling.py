@@ -68,6 +68,17 @@ async def test_a_pool_wakes_from_zero_scales_on_a_burst_and_returns_to_zero(
         pool = await wait_for(cold_starting, what="the pool reads ColdStarting")
         assert pool["lastScaleReason"] == "WakeFromZero" and pool["queueDepth"] == 1
         assert condition(await kube.sd("auto"), "ASRReady")["reason"] == "ColdStarting"
+        # The first worker turns ready: the cold start ends and its duration is recorded.
+        await kube.merge_patch("apps/v1", "deployments", "auto-asr-cpu", {"status": {
+            "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1}},
+            subresource="status", manager="kube-controller-manager")  # fmt: skip
+
+        async def cold_start_over() -> Any:
+            pool = next(p for p in (await kube.sd("auto"))["status"]["pools"] if p["task"] == "asr")
+            return pool if "state" not in pool and pool.get("lastColdStartSeconds") is not None else None
+
+        pool = await wait_for(cold_start_over, what="the cold start recorded")
+        assert 0 < pool["lastColdStartSeconds"] < 30
 
         # A burst of 8 with 2 per replica asks for 4 (7 more, plus the first).
         for _ in range(7):

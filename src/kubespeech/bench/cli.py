@@ -12,7 +12,7 @@ import typer
 
 from kubespeech.bench.report import table
 
-SUITES = ("protocol", "engine", "surfaces", "operator", "gpu")
+SUITES = ("protocol", "engine", "surfaces", "operator", "autoscaler", "gpu")
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         gpu: bool = typer.Option(
             False, "--gpu", help="Run the NeMo GPU suite (says so and exits 0 without a GPU)."
         ),
-        operator: bool = typer.Option(False, "--operator", help="Also run the operator suite (KMock)."),
+        operator: bool = typer.Option(
+            False, "--operator", help="Also run the operator suite (a real kube-apiserver)."
+        ),
         seconds: float = typer.Option(5.0, help="Measurement window per load level."),
         concurrency: list[int] = typer.Option([1, 8, 64], "--concurrency", "-c", help="Client counts."),
         out: Path = typer.Option(Path("bench-results"), help="Directory for the JSON results."),
@@ -68,6 +70,15 @@ def register(app: typer.Typer) -> None:
             res = run_operator_bench()
             results["operator"] = res
             typer.echo("\n== Operator (real kube-apiserver) ==")
+            typer.echo(json.dumps(res, indent=2))
+        if "autoscaler" in suites:
+            from kubespeech_operator.bench import run_autoscaler_bench
+
+            res = run_autoscaler_bench()
+            results["autoscaler"] = res
+            typer.echo(
+                "\n== Autoscaler: queue change → Deployment replicas (real kube-apiserver), simulator =="
+            )
             typer.echo(json.dumps(res, indent=2))
         if "gpu" in suites:
             from kubespeech.bench.gpu import run_gpu_bench
