@@ -112,6 +112,13 @@ class DeadlineExceeded(KubespeechError):
     http_status = 504
 
 
+class ClientClosedRequest(KubespeechError):
+    """The client disconnected before its answer was ready (nginx's 499; nobody reads the response)."""
+
+    code = "CLIENT_CLOSED_REQUEST"
+    http_status = 499
+
+
 class JobFailed(KubespeechError):
     """The job failed on every allowed delivery and was moved to the dead-letter stream."""
 

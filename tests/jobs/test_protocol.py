@@ -275,3 +275,39 @@ async def test_a_result_later_than_the_client_socket_timeout_still_arrives(serve
         assert result.header == {"late": True}
     finally:
         await short.aclose()
+
+
+async def test_an_abandoned_job_becomes_a_tombstone_that_still_counts_until_drained(redis: Redis) -> None:
+    client = JobClient(redis, SETTINGS)
+    worker = JobConsumer(redis, "m", "w1", SETTINGS)
+    keys = Keys()
+    audio = os.urandom(SETTINGS.inline_payload_max_bytes + 1)
+    ticket = await client.enqueue("m", {"text": "private"}, audio, timeout_s=60)
+    before = await client.submit("m", {"n": 1})
+    assert await client.abandon(ticket) == "abandoned"
+    assert await redis.exists(keys.payload(ticket.job_id)) == 0, "the abandoned job's audio was kept"
+    # Still demand for the autoscaler: the tombstone replaces the entry, it does not remove it.
+    assert (await client.depth("m")).total == 2
+    jobs = await worker.read_batch(max_batch=2, max_wait_ms=0, block_ms=100)
+    assert [j.job_id for j in jobs] == [before, ticket.job_id], "the tombstone goes to the queue's end"
+    live, tomb = jobs
+    assert not live.abandoned and not live.expired
+    assert tomb.abandoned and tomb.expired
+    assert (tomb.meta, tomb.payload, tomb.payload_key) == ({}, b"", None)
+    await worker.publish([(j, Result()) for j in jobs])
+    assert (await client.depth("m")).total == 0
+    assert await client.abandon(ticket) == "gone"
+
+
+async def test_a_job_a_worker_already_holds_is_not_abandoned(redis: Redis) -> None:
+    client = JobClient(redis, SETTINGS)
+    worker = JobConsumer(redis, "m", "w1", SETTINGS)
+    audio = os.urandom(SETTINGS.inline_payload_max_bytes + 1)
+    ticket = await client.enqueue("m", {"n": 7}, audio, timeout_s=60)
+    (job,) = await worker.read_batch(1, 0, 100)
+    assert await client.abandon(ticket) == "claimed"
+    assert await redis.get(Keys().payload(ticket.job_id)) == audio
+    assert (await client.depth("m")).in_flight == 1
+    await worker.publish([(job, Result(header={"n": 7}))])
+    assert (await client.wait(ticket.job_id, 1)).header == {"n": 7}
+    assert await client.abandon(ticket) == "gone"

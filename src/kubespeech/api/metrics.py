@@ -30,7 +30,15 @@ JOB_ERRORS = Counter(
     "kubespeech_api_job_errors_total", "Failed jobs by model and error code.", ["model", "code"]
 )
 COLD_STARTS = Counter(
-    "kubespeech_api_cold_start_waits_total", "Requests held for a cold start.", ["model", "outcome"]
+    "kubespeech_api_cold_start_waits_total",
+    "Requests held for a cold start, by outcome (served, unavailable, disconnected).",
+    ["model", "outcome"],
+)
+COLD_START_WAIT = Histogram(
+    "kubespeech_api_cold_start_wait_seconds",
+    "How long a request was held for a worker of its model (served or unavailable).",
+    ["model", "outcome"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
 )
 IN_FLIGHT = Gauge("kubespeech_api_requests_in_flight", "HTTP requests being served.")
 LIVE_WORKERS = Gauge(

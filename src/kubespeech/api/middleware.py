@@ -1,4 +1,4 @@
-"""One pure-ASGI middleware for every HTTP request: request id, body size bound, metrics, access log.
+"""One pure-ASGI middleware for every HTTP request: request id, body bound, disconnect watch, metrics, log.
 
 Written against raw ASGI (not ``BaseHTTPMiddleware``) because it runs on every request and the no-op
 path's budget is a millisecond or two.
@@ -6,10 +6,12 @@ path's budget is a millisecond or two.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,6 +23,9 @@ from kubespeech.api.errors import render_error
 log = logging.getLogger("kubespeech.api.access")
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+# While a request is served: a coroutine function that returns once its client has disconnected (the
+# service uses it to stop holding a cold-start request nobody waits for any more).
+client_gone_var: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("client_gone", default=None)
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MULTIPART = b"multipart/"
@@ -100,17 +105,29 @@ class ApiMiddleware:
             await send(message)
 
         received = 0
+        body_read = False
 
         async def receive_wrapper() -> Message:
-            nonlocal received
+            nonlocal received, body_read
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     state["body_too_large"] = True
                     raise _BodyTooLarge()
+                if not message.get("more_body", False):
+                    body_read = True
             return message
 
+        async def client_gone() -> None:
+            """Return once the client has disconnected; cancel it to stop listening."""
+            # Listening before the app has read the whole body would steal body chunks from it; the
+            # server answers nothing but a disconnect once the body is complete.
+            if body_read and (await receive())["type"] == "http.disconnect":
+                return
+            await asyncio.get_running_loop().create_future()
+
+        gone_token = client_gone_var.set(client_gone)
         metrics.IN_FLIGHT.inc()
         try:
             if content_length > limit:
@@ -147,4 +164,5 @@ class ApiMiddleware:
                     extra={"request_id": rid, "method": method, "route": template, "status": status,
                            "ms": round(elapsed * 1000, 2)},
                 )  # fmt: skip
+            client_gone_var.reset(gone_token)
             request_id_var.reset(token)

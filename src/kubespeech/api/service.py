@@ -8,12 +8,14 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
 from kubespeech.api import metrics
+from kubespeech.api.middleware import client_gone_var
 from kubespeech.api.registry import ModelInfo, ModelRegistry
 from kubespeech.api.settings import ApiSettings
 from kubespeech.audio import (
@@ -26,6 +28,7 @@ from kubespeech.audio import (
 )
 from kubespeech.audio.sniff import WAV, sniff_format
 from kubespeech.errors import (
+    ClientClosedRequest,
     DeadlineExceeded,
     EmptyInput,
     InvalidInput,
@@ -34,10 +37,12 @@ from kubespeech.errors import (
     ServiceUnavailable,
     TextTooLong,
 )
-from kubespeech.jobs import JobClient, Result
+from kubespeech.jobs import JobClient, Result, Ticket
 from kubespeech.jobs.messages import ASR_SAMPLE_RATE, asr_meta, tts_meta
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 # Language values that mean "detect it" (Smallest's regional aggregators, OpenAI's omission).
@@ -45,6 +50,25 @@ _AUTO_LANGUAGES = {"auto", "multi", "multi-eu", "multi-asian", "multi-indic", "d
 # Work that takes longer than this on the event loop goes to a thread instead.
 _INLINE_DECODE_BYTES = 256 * 1024
 _INLINE_ENCODE_FORMATS = {"pcm", "wav", "mulaw", "ulaw", "alaw"}
+
+
+async def _while_client_waits(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` to its end, or cancel it (its cleanup done) and raise 499 once the HTTP client has gone."""
+    client_gone = client_gone_var.get()
+    if client_gone is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        task.cancel()
+        # The work's cleanup (abandoning its job) must be over before the request ends.
+        await asyncio.wait((task, gone))
+    if task.cancelled():
+        raise ClientClosedRequest("the client disconnected before its answer was ready")
+    return task.result()
 
 
 def normalize_language(language: str | None) -> str | None:
@@ -180,22 +204,76 @@ class SpeechService:
         timeout = self.settings.limits.request_timeout_s
         if self.registry.live.get(model.name, 0) > 0:
             return await self.jobs.call(model.name, meta, payload, timeout_s=timeout)
-        # Cold start: enqueue first, so the queue depth the autoscaler watches shows the demand, then hold
-        # the request for a bounded time while a worker comes up.
+        return await _while_client_waits(self._cold_start(model, meta, payload, timeout))
+
+    async def _cold_start(
+        self, model: ModelInfo, meta: dict[str, Any], payload: bytes, timeout: float
+    ) -> Result:
+        """Hold a request while its model's pool scales from zero, for at most min(deadline, cold-start wait).
+
+        The job is enqueued first, so the queue depth the autoscaler watches shows the demand. Whenever the
+        caller stops waiting without a result (503, client gone, deadline, Redis trouble) the job is
+        abandoned: unless a worker already holds it, it becomes a tombstone that no engine will run.
+        """
         started = time.monotonic()
-        job_id = await self.jobs.submit(model.name, meta, payload, timeout_s=timeout)
-        wait = self.settings.limits.cold_start_wait_s
-        if not await self.registry.wait_for_worker(model.name, wait):
-            metrics.COLD_STARTS.labels(model.name, "unavailable").inc()
-            raise NoWorkers(
-                f"no worker serves model '{model.name}' yet (cold start); retry shortly",
-                retry_after=float(self.settings.limits.retry_after_s),
-                model=model.name,
+        ticket = await self.jobs.enqueue(model.name, meta, payload, timeout_s=timeout)
+        hold = min(timeout, self.settings.limits.cold_start_wait_s)
+        decided = False
+        settled = False  # finished, abandoned, or held by a worker: nothing left to undo
+        try:
+            state: str = "up"
+            if not await self.registry.wait_for_worker(model.name, hold):
+                state = await self.jobs.abandon(ticket)
+                settled = True
+            decided = True
+            held = time.monotonic() - started
+            if state == "gone":
+                # Finished between the last look and the abandon (its result is waiting), or lost by Redis.
+                try:
+                    result = await self.jobs.wait(ticket.job_id, 0.01)
+                except DeadlineExceeded:
+                    state = "abandoned"
+                else:
+                    self._cold_start_outcome(model.name, "served", held)
+                    return result.raise_for_error()
+            if state == "abandoned":
+                self._cold_start_outcome(model.name, "unavailable", held)
+                raise NoWorkers(
+                    f"no worker serves model '{model.name}' yet (cold start); retry shortly",
+                    retry_after=float(self.settings.limits.retry_after_s),
+                    model=model.name,
+                )
+            # A worker is up, or one took the job between the last look and the abandon ("claimed").
+            self._cold_start_outcome(model.name, "served", held)
+            result = await self.jobs.wait(ticket.job_id, max(timeout - (time.monotonic() - started), 0.05))
+            settled = True
+            return result.raise_for_error()
+        except asyncio.CancelledError:
+            if not decided:
+                metrics.COLD_STARTS.labels(model.name, "disconnected").inc()
+            raise
+        finally:
+            if not settled:
+                await self._abandon(ticket)
+
+    @staticmethod
+    def _cold_start_outcome(model: str, outcome: str, held_s: float) -> None:
+        metrics.COLD_STARTS.labels(model, outcome).inc()
+        metrics.COLD_START_WAIT.labels(model, outcome).observe(held_s)
+
+    async def _abandon(self, ticket: Ticket) -> None:
+        """Abandon a job whose caller has gone; shielded, so a second cancellation cannot cut it short."""
+        try:
+            await asyncio.shield(self.jobs.abandon(ticket))
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "could not abandon a job whose caller has gone; it keeps its deadline",
+                extra={
+                    "job_id": ticket.job_id,
+                    "model": ticket.model,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
             )
-        metrics.COLD_STARTS.labels(model.name, "served").inc()
-        left = max(timeout - (time.monotonic() - started), 0.05)
-        result = await self.jobs.wait(job_id, left)
-        return result.raise_for_error()
 
     async def _check_license(self, feature: str) -> None:
         if self.license is not None:

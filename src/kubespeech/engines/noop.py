@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -13,12 +14,26 @@ from kubespeech.engines.base import AsrRequest, AsrResult, Audio, TtsRequest, Tt
 from kubespeech.errors import EmptyInput
 
 
+class _CallLog:
+    """Appends one line per request an engine received to ``calls_file`` (tests count engine calls)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def record(self, lines: list[str]) -> None:
+        if self.path:
+            with self._lock, open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(line.replace("\n", " ") + "\n" for line in lines)
+
+
 class NoopAsrEngine:
     """Returns the number of samples it received as the transcript.
 
-    Two options exist for fault-injection tests of the worker runtime (never set in deployments):
-    ``delay_s`` sleeps per batch (work in flight when a worker is killed or drained) and
-    ``exit_on_samples`` ends the process abruptly on an input of exactly that many samples (a poison job).
+    Three options exist for tests of the worker runtime (never set in deployments): ``delay_s`` sleeps
+    per batch (work in flight when a worker is killed or drained), ``exit_on_samples`` ends the process
+    abruptly on an input of exactly that many samples (a poison job), and ``calls_file`` appends the
+    sample count of every request the engine receives to that file (which jobs reached the engine).
     """
 
     name = "noop"
@@ -30,11 +45,13 @@ class NoopAsrEngine:
         device: str = "cpu",
         delay_s: float = 0.0,
         exit_on_samples: int | None = None,
+        calls_file: str | None = None,
         **_: Any,
     ) -> None:
         self.device = device
         self.delay_s = float(delay_s)
         self.exit_on_samples = exit_on_samples
+        self.calls = _CallLog(calls_file)
         self.batch_sizes: list[int] = []
 
     def load(self) -> None:
@@ -42,6 +59,7 @@ class NoopAsrEngine:
 
     def transcribe_batch(self, requests: Sequence[AsrRequest]) -> list[AsrResult | Exception]:
         self.batch_sizes.append(len(requests))
+        self.calls.record([str(len(r.audio)) for r in requests])
         if self.exit_on_samples is not None and any(len(r.audio) == self.exit_on_samples for r in requests):
             os._exit(70)
         if self.delay_s:
@@ -56,13 +74,26 @@ class NoopAsrEngine:
 
 
 class NoopTtsEngine:
-    """Returns 10 ms of silence per character."""
+    """Returns 10 ms of silence per character.
+
+    Test-only options (never set in deployments): ``delay_s`` sleeps per batch, and ``calls_file``
+    appends the text of every request the engine receives to that file, one line each.
+    """
 
     name = "noop"
     sample_rate = 16000
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", **_: Any) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        device: str = "cpu",
+        delay_s: float = 0.0,
+        calls_file: str | None = None,
+        **_: Any,
+    ) -> None:
         self.device = device
+        self.delay_s = float(delay_s)
+        self.calls = _CallLog(calls_file)
 
     def load(self) -> None:
         return None
@@ -78,6 +109,9 @@ class NoopTtsEngine:
         )
 
     def synthesize_batch(self, requests: Sequence[TtsRequest]) -> list[TtsResult | Exception]:
+        self.calls.record([r.text for r in requests])
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out: list[TtsResult | Exception] = []
         for r in requests:
             try:

@@ -8,6 +8,7 @@ from kubespeech.jobs.protocol import (
     Keys,
     QueueDepth,
     Result,
+    Ticket,
     live_workers,
     queue_depth,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Keys",
     "QueueDepth",
     "Result",
+    "Ticket",
     "live_workers",
     "queue_depth",
 ]

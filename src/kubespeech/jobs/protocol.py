@@ -15,6 +15,13 @@ Layout (``{p}`` is the key prefix, ``{m}`` a model queue name):
 - ``{p}:models``   hash: model queue name -> JSON description published by its workers.
 
 Every key except the queue streams carries a TTL, so a caller that gives up leaves nothing behind.
+
+A caller that stops waiting for a job no worker has claimed yet (the API's cold-start hold ended in a 503,
+or its client disconnected) *abandons* it: in one script, the entry is replaced by a tombstone (same job
+id, no payload or metadata, deadline 0, field ``x`` = 1), so it can never reach an engine. The tombstone
+still counts in the queue depth (the demand that scales a pool from zero) until a worker drains it by
+answering ``DEADLINE_EXCEEDED`` without running it. A job some worker already holds is not abandoned:
+its caller keeps waiting for the result instead.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
@@ -71,6 +78,28 @@ return 0
 """
 
 
+# Abandon a job only while no worker has claimed it: not in the group's pending list and still in the
+# stream means never delivered. Replacing the entry (rather than deleting it) keeps the demand visible in
+# the queue depth; a deadline of 0 makes every worker drop it whatever its clock says. Returns 1 when
+# abandoned, 0 when a worker holds it, -1 when it is gone (finished, or Redis lost it).
+_ABANDON_LUA = """
+local held = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(held) ~= 'table' or held['err'] then return -1 end
+if #held > 0 then return 0 end
+local found = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #found == 0 then return -1 end
+local ts = '0'
+local fields = found[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'ts' then ts = fields[i + 1] end
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'm', '{}', 'dl', '0', 'ts', ts, 'b', '', 'x', '1')
+return 1
+"""
+
+
 class Keys:
     """Key names of one stack (one prefix)."""
 
@@ -113,10 +142,20 @@ class Job:
     entry_id: str
     payload_key: str | None = None
     deliveries: int = 1
+    abandoned: bool = False  # its caller stopped waiting before any worker claimed it (a tombstone)
 
     @property
     def expired(self) -> bool:
-        return time.time() > self.deadline
+        return self.abandoned or time.time() > self.deadline
+
+
+@dataclass(slots=True, frozen=True)
+class Ticket:
+    """A job the caller enqueued: enough to wait for it, or to abandon it."""
+
+    job_id: str
+    model: str
+    entry_id: str
 
 
 @dataclass(slots=True)
@@ -199,6 +238,7 @@ class JobClient:
         self.settings = settings or QueueSettings()
         self.keys = Keys(prefix)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._abandon = redis.register_script(_ABANDON_LUA)
 
     def _prepare(
         self, model: str, meta: dict[str, Any], payload: bytes, timeout: float, same_round_trip: bool
@@ -239,12 +279,31 @@ class JobClient:
         self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
     ) -> str:
         """Put a job on ``model``'s queue and return its id; raises QueueFull when the queue is at its bound."""
+        return (await self.enqueue(model, meta, payload, timeout_s=timeout_s)).job_id
+
+    async def enqueue(
+        self, model: str, meta: dict[str, Any], payload: bytes = b"", *, timeout_s: float | None = None
+    ) -> Ticket:
+        """Like ``submit``, but returns a ticket that can also ``abandon`` the job."""
         timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
         job_id, keys, args = self._prepare(model, meta, payload, timeout, same_round_trip=False)
         res = await self._enqueue(keys=keys, args=args)
         if isinstance(res, int):
             raise self._queue_full(model, res)
-        return job_id
+        return Ticket(job_id=job_id, model=model, entry_id=_decode_str(res))
+
+    async def abandon(self, ticket: Ticket) -> Literal["abandoned", "claimed", "gone"]:
+        """Make sure no engine ever runs a job whose caller stops waiting for it.
+
+        ``abandoned``: it was still unclaimed and is now a tombstone; it will not run. ``claimed``: a worker
+        took it first; its result will come, so the caller may keep waiting. ``gone``: it is no longer
+        queued (its result was already published, or Redis lost it).
+        """
+        res = await self._abandon(
+            keys=[self.keys.queue(ticket.model), self.keys.payload(ticket.job_id)],
+            args=[GROUP, ticket.entry_id, ticket.job_id],
+        )
+        return "abandoned" if res == 1 else "claimed" if res == 0 else "gone"
 
     async def wait(self, job_id: str, timeout_s: float) -> Result:
         """Block until the job's result arrives (BLPOP, no polling); DeadlineExceeded after ``timeout_s``."""
@@ -392,6 +451,7 @@ class JobConsumer:
             eid = _decode_str(entry_id)
             job_id = _decode_str(fields[b"id"])
             inline = fields.get(b"b")
+            abandoned = fields.get(b"x") == b"1"
             jobs.append(
                 Job(
                     job_id=job_id,
@@ -403,6 +463,7 @@ class JobConsumer:
                     entry_id=eid,
                     payload_key=None if inline is not None else self.keys.payload(job_id),
                     deliveries=(deliveries or {}).get(eid, 1),
+                    abandoned=abandoned,
                 )
             )
         external = [j for j in jobs if j.payload_key]

@@ -1,11 +1,19 @@
-"""A tiny asyncio HTTP server for /healthz, /readyz and /metrics (no web framework: workers stay small)."""
+"""A tiny asyncio HTTP server for /healthz, /readyz, /inflight and /metrics (no framework: workers stay small).
+
+``/healthz`` answers JSON ``{"status": "ok", "in_flight": N, "draining": bool}`` (503 with status
+``unhealthy`` when the process is broken); ``/inflight`` answers ``{"in_flight": N, "draining": bool}``, the
+number of jobs the worker holds (claimed, not yet published), which the operator turns into the pod's
+deletion cost so Kubernetes removes idle pods first.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
@@ -22,12 +30,14 @@ class HealthServer:
         is_alive: Callable[[], bool],
         is_ready: Callable[[], tuple[bool, str]],
         registry: CollectorRegistry,
+        load: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.is_alive = is_alive
         self.is_ready = is_ready
         self.registry = registry
+        self.load = load or (lambda: {"in_flight": 0, "draining": False})
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -63,11 +73,10 @@ class HealthServer:
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
         if path == "/healthz":
             ok = self.is_alive()
-            return (
-                ("200 OK" if ok else "503 Service Unavailable"),
-                "text/plain",
-                b"ok\n" if ok else b"unhealthy\n",
-            )
+            body = orjson.dumps({"status": "ok" if ok else "unhealthy", **self.load()})
+            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
+        if path == "/inflight":
+            return "200 OK", "application/json", orjson.dumps(self.load())
         if path == "/readyz":
             ready, why = self.is_ready()
             return ("200 OK" if ready else "503 Service Unavailable"), "text/plain", (why + "\n").encode()

@@ -19,7 +19,11 @@ class WorkerMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, names, registry=self.registry, buckets=buckets)
 
-        self.jobs = counter("kubespeech_worker_jobs_total", "Jobs finished, by outcome.", ("status",))
+        self.jobs = counter(
+            "kubespeech_worker_jobs_total",
+            "Jobs finished, by outcome (ok, error, expired: dropped unprocessed, nobody waited for it).",
+            ("status",),
+        )
         self.errors = counter("kubespeech_worker_errors_total", "Jobs that failed, by error code.", ("code",))
         self.reclaimed = counter("kubespeech_worker_reclaimed_total", "Jobs taken over from silent workers.")
         self.dead_lettered = counter(
@@ -48,4 +52,11 @@ class WorkerMetrics:
         self.audio_seconds = counter("kubespeech_worker_audio_seconds_total", "Seconds of audio processed.")
         self.ready = Gauge("kubespeech_worker_ready", "1 when the model is loaded and Redis reachable.", names,
                            registry=self.registry)  # fmt: skip
+        self.in_flight = Gauge(
+            "kubespeech_worker_in_flight_jobs",
+            "Jobs this worker holds: claimed and not yet published.",
+            names,
+            registry=self.registry,
+        )
+        self.in_flight.labels(**labels).set(0)
         self.labels = labels

@@ -3,7 +3,10 @@
 Lifecycle (Triton python_backend's shape): load the engine once (readiness stays false until then),
 execute batches, return exactly one result per job with per-job errors, and on SIGTERM stop pulling,
 finish what is in flight, publish, ack and exit 0. A SIGKILL loses nothing: entries still pending in the
-consumer group are reclaimed by another worker after the visibility timeout.
+consumer group are reclaimed by another worker after the visibility timeout. A job whose deadline passed
+before processing (or that its caller abandoned) is answered DEADLINE_EXCEEDED without reaching the
+engine; it counts as ``expired``, not as an error. The health server reports how many jobs the worker
+holds (``in_flight``), so the operator can make Kubernetes remove idle pods first when scaling down.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Worker:
         self.load_error: str | None = None
         self.redis_ok = False
         self.draining = False
+        self.in_flight = 0  # jobs this worker claimed and has not yet published (or left to be reclaimed)
         self._stop = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.health = HealthServer(
@@ -79,6 +83,7 @@ class Worker:
             is_alive=lambda: self.load_error is None,
             is_ready=self._readiness,
             registry=self.metrics.registry,
+            load=self._load,
         )
 
     # ----- lifecycle -------------------------------------------------------------------------------
@@ -100,6 +105,13 @@ class Worker:
         if self.draining:
             return False, "draining"
         return True, "ready"
+
+    def _load(self) -> dict[str, Any]:
+        return {"in_flight": self.in_flight, "draining": self.draining}
+
+    def _hold(self, count: int) -> None:
+        self.in_flight = count
+        self.metrics.in_flight.labels(**self.metrics.labels).set(count)
 
     def _set_ready_gauge(self) -> None:
         self.metrics.ready.labels(**self.metrics.labels).set(1 if self._readiness()[0] else 0)
@@ -187,7 +199,11 @@ class Worker:
                 self.redis_ok = True
                 backoff = 0.1
                 if jobs:
-                    await self._process(jobs)
+                    self._hold(len(jobs))
+                    try:
+                        await self._process(jobs)
+                    finally:
+                        self._hold(0)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -209,6 +225,7 @@ class Worker:
         labels = self.metrics.labels
         ready: list[tuple[Job, Result]] = []
         live: list[Job] = []
+        expired: set[str] = set()
         now = time.time()
         for job in jobs:
             if job.deliveries > self.queue_settings.max_deliveries:
@@ -220,14 +237,17 @@ class Worker:
                 # Either another worker finished it (then publishing is a no-op) or the payload expired.
                 ready.append((job, Result(error=JobFailed("job payload is no longer available"))))
             elif job.expired:
+                # Nobody waits for it any more (deadline passed, or its caller abandoned it): never run it.
+                # Publishing still acks and deletes the entry, so the queue depth drops back.
                 ready.append((job, Result(error=DeadlineExceeded("job deadline passed before processing"))))
+                expired.add(job.entry_id)
             else:
                 live.append(job)
                 self.metrics.queue_wait.labels(**labels).observe(max(now - job.enqueued_at, 0.0))
         if live:
             ready.extend(await self._run_engine(live))
         if ready:
-            await self._publish(ready)
+            await self._publish(ready, expired)
 
     async def _run_engine(self, jobs: list[Job]) -> list[tuple[Job, Result]]:
         assert self.consumer is not None
@@ -270,7 +290,7 @@ class Worker:
                 await self.consumer.extend(jobs)
             await asyncio.sleep(interval)
 
-    async def _publish(self, results: list[tuple[Job, Result]]) -> None:
+    async def _publish(self, results: list[tuple[Job, Result]], expired: set[str] | None = None) -> None:
         assert self.consumer is not None
         labels = self.metrics.labels
         delay = 0.1
@@ -286,10 +306,13 @@ class Worker:
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        for (_, result), fresh in zip(results, delivered, strict=True):
+        for (job, result), fresh in zip(results, delivered, strict=True):
             if not fresh:
                 self.metrics.duplicates.labels(**labels).inc()
-            if result.error is None:
+            if expired and job.entry_id in expired:
+                # Dropped unprocessed: the worker did nothing wrong, so it is not an error.
+                self.metrics.jobs.labels(**labels, status="expired").inc()
+            elif result.error is None:
                 self.metrics.jobs.labels(**labels, status="ok").inc()
             else:
                 self.metrics.jobs.labels(**labels, status="error").inc()
