@@ -246,7 +246,8 @@ def test_models_file_lists_each_queue_once(case: tuple[SpeechDeploymentSpec, lis
         of_task = [e for e in entries if e["task"] == task]
         assert not of_task or sum(e["default"] for e in of_task) == 1
     for entry in entries:
-        assert set(entry) == {"name", "task", "default", "aliases", "voices"}
+        assert {"name", "task", "default", "aliases", "voices"} <= set(entry) <= {
+            "name", "task", "default", "aliases", "voices", "cold_start_wait_s"}  # fmt: skip
 
 
 def test_input_hash_tracks_inputs_only() -> None:
@@ -342,3 +343,21 @@ def test_upgrading_kubespeech_does_not_restart_redis() -> None:
         return redis["spec"]
 
     assert redis_pod_spec("0.1.0") == redis_pod_spec("0.2.0")
+
+
+def test_cold_start_wait_reaches_the_models_file() -> None:
+    """coldStartWaitSeconds of autoscaled pools: per queue, the longest of the pools sharing it."""
+    pools = [
+        {"name": "a", "engine": "whisper", "modelName": "m",
+         "autoscaling": {"enabled": True, "minReplicas": 0, "coldStartWaitSeconds": 20}},
+        {"name": "b", "engine": "whisper", "modelName": "m",
+         "autoscaling": {"enabled": True, "minReplicas": 0, "coldStartWaitSeconds": 45}},
+        {"name": "c", "engine": "whisper", "modelName": "n"},
+    ]  # fmt: skip
+    spec = parse_spec({"license": {"secretRef": {"name": "l", "key": "k"}},
+                       "api": {"apiKeysSecretRef": {"name": "a", "key": "k"}}, "asr": {"pools": pools}})  # fmt: skip
+    (config,) = [
+        c for c in build_children("s", "speech", spec, redis_password="x") if c["kind"] == "ConfigMap"
+    ]
+    entries = {e["name"]: e for e in json.loads(config["data"]["models.json"])}
+    assert entries["m"]["cold_start_wait_s"] == 45 and "cold_start_wait_s" not in entries["n"]

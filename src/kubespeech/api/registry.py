@@ -43,8 +43,17 @@ class ModelInfo:
     engine: str | None = None
     sample_rate: int | None = None
     default: bool = False
+    # How long a request is held while this model's pool scales from zero (None: the API's own setting).
+    cold_start_wait_s: float | None = None
     configured: bool = False  # named in the operator's models file (its task is enabled)
     published: bool = False  # described by a worker in Redis
+
+
+def _wait(raw: Any) -> float | None:
+    """A cold-start wait in seconds from the models file; anything else reads as unset (the API default)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw <= 600:
+        return None
+    return float(raw)
 
 
 def _voices(raw: Any) -> list[Voice]:
@@ -115,6 +124,7 @@ class ModelRegistry:
                     voices=_voices(item.get("voices")),
                     languages=[str(x) for x in item.get("languages") or []],
                     default=bool(item.get("default")),
+                    cold_start_wait_s=_wait(item.get("cold_start_wait_s")),
                     configured=True,
                 )
         except (ValueError, TypeError, AttributeError, OSError) as exc:
@@ -169,6 +179,7 @@ class ModelRegistry:
                 voices=list(info.voices),
                 languages=list(info.languages),
                 default=info.default,
+                cold_start_wait_s=info.cold_start_wait_s,
                 configured=True,
             )
         # With an operator-written models file, it alone says what is served (a shared Redis may hold

@@ -217,7 +217,8 @@ class SpeechService:
         """
         started = time.monotonic()
         ticket = await self.jobs.enqueue(model.name, meta, payload, timeout_s=timeout)
-        hold = min(timeout, self.settings.limits.cold_start_wait_s)
+        wait = model.cold_start_wait_s
+        hold = min(timeout, self.settings.limits.cold_start_wait_s if wait is None else wait)
         decided = False
         settled = False  # finished, abandoned, or held by a worker: nothing left to undo
         try:

@@ -31,7 +31,8 @@ INGRESS_PATH_PREFIXES = ("/waves", "/api/v1", "/v1")
 
 
 def models_file_entries(ctx: Context) -> list[dict[str, Any]]:
-    """The API's model list: one entry per queue, {"name","task","default","aliases","voices"}.
+    """The API's model list: one entry per queue, {"name","task","default","aliases","voices"}, plus
+    "cold_start_wait_s" where an autoscaled pool sets coldStartWaitSeconds.
 
     Pools sharing a modelName collapse into one entry; the default of a task is the pool marked default, or
     else the task's first model.
@@ -43,6 +44,10 @@ def models_file_entries(ctx: Context) -> list[dict[str, Any]]:
             {"name": pool.queue_name, "task": task, "default": False, "aliases": [], "voices": []},
         )
         entry["default"] = entry["default"] or pool.default
+        wait = pool.autoscaling.cold_start_wait_seconds if pool.autoscaling.enabled else None
+        if wait is not None:
+            # Pools sharing a queue: the request is held as long as the most patient of them asks.
+            entry["cold_start_wait_s"] = max(wait, entry.get("cold_start_wait_s", 0))
         for alias in pool.aliases or []:
             if alias not in entry["aliases"]:
                 entry["aliases"].append(alias)
