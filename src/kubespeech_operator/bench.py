@@ -48,6 +48,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 20 s: the operator drains its handlers on SIGTERM."""
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 def _rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -190,12 +200,7 @@ async def _bench(sds: int, samples: int, resync_s: float) -> dict[str, Any]:
                         await asyncio.sleep(0.25)
                     rss_loaded = _rss_mb(process.pid)
             finally:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+                _stop(process)
     finally:
         server.stop()
 
@@ -323,12 +328,7 @@ async def _autoscale_bench(samples: int) -> dict[str, Any]:
                         await redis.delete(queue)
                         await until(0, time.monotonic(), "back to zero")
             finally:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
+                _stop(process)
     finally:
         await redis.aclose()
         if redis_server.process is not None:
