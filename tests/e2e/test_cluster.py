@@ -74,7 +74,9 @@ def namespace() -> Iterator[str]:
 def operator(namespace: str) -> Iterator[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "kubespeech.cli", "operator", "--namespace", namespace,
                "--liveness-port", str(free_port()), "--resync-interval", "5"]  # fmt: skip
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(
+        command, env={**os.environ, "KUBESPEECH_OPERATOR_METRICS_PORT": str(free_port())}
+    )
     try:
         yield process
     finally:
