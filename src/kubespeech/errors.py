@@ -73,6 +73,20 @@ class AudioTooLong(KubespeechError):
     http_status = 413
 
 
+class UnsupportedSampleRate(KubespeechError):
+    """The audio's sample rate is outside the range the decoder accepts (400)."""
+
+    code = "UNSUPPORTED_SAMPLE_RATE"
+    http_status = 400
+
+
+class TooManyChannels(KubespeechError):
+    """The audio has more channels than the decoder accepts (400)."""
+
+    code = "TOO_MANY_CHANNELS"
+    http_status = 400
+
+
 class UnknownModel(KubespeechError):
     code = "MODEL_NOT_FOUND"
     http_status = 404
