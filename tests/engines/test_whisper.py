@@ -1,8 +1,7 @@
-"""The whisper engine on speech synthesized by piper: accuracy, word timestamps, per-item errors, streaming."""
+"""The whisper engine on speech synthesized by piper: accuracy, word timestamps, per-item errors, the streaming VAD."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
@@ -104,62 +103,6 @@ def test_silence_is_not_hallucinated(whisper: WhisperEngine) -> None:
     [result] = whisper.transcribe_batch([AsrRequest(audio=np.zeros(2 * RATE, dtype=np.float32))])
     assert isinstance(result, AsrResult)
     assert result.text == "" and result.words == [] and result.duration == 2.0
-
-
-def test_stream_finals_in_200ms_chunks(whisper: WhisperEngine, spoken: list[Audio]) -> None:
-    gap = np.zeros(int(0.8 * RATE), dtype=np.float32)
-    pieces = [gap]
-    starts = []
-    for audio in spoken[:3]:
-        starts.append(sum(len(p) for p in pieces) / RATE)
-        pieces += [audio, gap]
-    stream_audio = np.concatenate(pieces)
-    stream = whisper.open_stream(word_timestamps=True, partial_interval_s=None)
-    finals: list[AsrResult] = []
-    for i in range(0, len(stream_audio), RATE // 5):
-        finals += stream.accept(stream_audio[i : i + RATE // 5])
-    assert len(finals) == 3, [f.text for f in finals]  # each pause closed its sentence before the end
-    finals += stream.finish()
-    assert len(finals) == 3
-    assert wer(SENTENCES[:3], [f.text for f in finals]) <= 0.15
-    for final, start in zip(finals, starts, strict=True):
-        # Times are stream times: each sentence's words begin near where it was placed.
-        assert final.words and abs(final.words[0].start - start) < 0.5
-        assert final.words[-1].end <= len(stream_audio) / RATE
-
-
-def test_stream_partials_then_final(whisper: WhisperEngine, spoken: list[Audio]) -> None:
-    stream = whisper.open_stream(partial_interval_s=1.0)
-    partials: list[str] = []
-    finals: list[AsrResult] = []
-    for i in range(0, len(spoken[3]), RATE // 5):
-        finals += stream.accept(spoken[3][i : i + RATE // 5])
-        if stream.partial is not None and (not partials or partials[-1] != stream.partial.text):
-            partials.append(stream.partial.text)
-    assert partials, "no partial while speech was still coming in"
-    assert not finals  # no pause yet: the utterance is still open
-    finals += stream.finish()
-    assert len(finals) == 1 and stream.partial is None
-    assert wer([SENTENCES[3]], [finals[0].text]) <= 0.15
-    with pytest.raises(InvalidInput):
-        stream.accept(spoken[3])
-
-
-def test_stream_cuts_overlong_speech(whisper: WhisperEngine, spoken: list[Audio]) -> None:
-    # Three sentences back to back (no pauses long enough to end an utterance), 4 s window limit.
-    speech = np.concatenate(spoken[:3])
-    stream = whisper.open_stream(partial_interval_s=None, max_utterance_s=4.0)
-    finals: list[AsrResult] = []
-    for i in range(0, len(speech), RATE // 5):
-        finals += stream.accept(speech[i : i + RATE // 5])
-    finals += stream.finish()
-    assert len(finals) >= 3
-    assert all(b.segments[0].start >= a.segments[-1].start for a, b in itertools.pairwise(finals))
-    score = wer([" ".join(SENTENCES[:3])], [" ".join(f.text for f in finals)])
-    print(
-        f"\nstream over {len(speech) / RATE:.1f} s without pauses, cut into {len(finals)} finals: WER {score:.1%}"
-    )
-    assert score <= 0.25  # a hard cut can split a word; most text must survive
 
 
 def test_streaming_vad_matches_one_shot_vad(spoken: list[Audio]) -> None:

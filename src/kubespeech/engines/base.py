@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -75,13 +75,66 @@ class TtsResult:
     sample_rate: int
 
 
+@dataclass(slots=True)
+class StreamEvent:
+    """One hypothesis from a streaming session; times are seconds from the start of the stream."""
+
+    kind: Literal["partial", "final"]
+    text: str
+    start: float
+    end: float
+    words: list[Word] = field(default_factory=list)
+
+
 @runtime_checkable
 class AsrStream(Protocol):
-    """An open streaming-recognition session (audio in, partial and final text out)."""
+    """An open streaming-recognition session: audio in, partial and final hypotheses out.
 
-    def accept(self, audio: Audio) -> list[AsrResult]: ...
+    ``accept(audio)`` takes the next chunk (any length, mono float32 at the engine's rate) and returns
+    the events it produced, in order: ``partial`` events are the running, revisable hypothesis of the
+    open utterance (each replaces the previous partial); a ``final`` event is never revised, and the
+    next partial belongs to the next utterance. An utterance becomes final at end of speech (silence
+    of at least the stream's ``eou_timeout_ms``), when it reaches the engine's length limit, or on
+    ``finalize()``, which flushes the open utterance and leaves the stream open. ``close()`` flushes
+    the same way and ends the session (``accept`` then raises InvalidInput; a second close returns []).
+    Event, word and segment times are seconds of stream time: sample 0 is the first sample of the
+    stream this one resumes (``start_sample`` of ``open_stream``), not of this object.
 
-    def finish(self) -> list[AsrResult]: ...
+    Resuming on another worker: ``committed_samples`` is the stream-time sample index up to which
+    audio is settled (turned into finals already sent, or dropped as non-speech); no later event
+    covers audio before it. A caller keeps the audio from ``committed_samples`` on (it is at most one
+    utterance plus a little context) and, after a crash, opens a new stream with
+    ``start_sample=committed_samples`` and re-feeds that audio: the new stream then produces the
+    finals not yet sent, with the same time base. It is read after any ``accept``/``finalize`` call.
+    """
+
+    @property
+    def committed_samples(self) -> int: ...
+
+    def accept(self, audio: Audio) -> list[StreamEvent]: ...
+
+    def finalize(self) -> list[StreamEvent]: ...
+
+    def close(self) -> list[StreamEvent]: ...
+
+
+@runtime_checkable
+class StreamingAsrEngine(Protocol):
+    """An AsrEngine that can also recognize live audio (a separate Protocol: not every engine streams)."""
+
+    name: str
+    sample_rate: int
+
+    def open_stream(
+        self,
+        language: str | None = None,
+        word_timestamps: bool = False,
+        eou_timeout_ms: int = 600,
+        *,
+        start_sample: int = 0,
+    ) -> AsrStream:
+        """Open a session on the loaded engine; ``start_sample`` resumes a stream (see AsrStream)."""
+        ...
 
 
 @runtime_checkable

@@ -21,11 +21,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from kubespeech.engines.base import AsrRequest, AsrResult, Audio, Segment, Word
+from kubespeech.engines.base import AsrRequest, AsrResult, Audio, Segment, StreamEvent, Word
 from kubespeech.errors import AudioTooLong, CorruptAudio, EmptyInput, EngineError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -418,10 +418,25 @@ class NemoAsrEngine:
 
     # ----- streaming --------------------------------------------------------------------------------
 
-    def open_stream(self, language: str | None = None, word_timestamps: bool = False) -> NemoAsrStream:
+    def open_stream(
+        self,
+        language: str | None = None,
+        word_timestamps: bool = False,
+        eou_timeout_ms: int | None = None,
+        *,
+        start_sample: int = 0,
+    ) -> NemoAsrStream:
+        """A streaming session (see NemoAsrStream); ``eou_timeout_ms`` defaults to ``stream_silence_s``."""
         if self.model is None:
             raise EngineError("the nemo engine is not loaded")
-        return NemoAsrStream(self, word_timestamps=word_timestamps, **self.stream_options)
+        options = dict(self.stream_options)
+        if eou_timeout_ms is not None:
+            if not 50 <= eou_timeout_ms <= 10000:
+                raise InvalidInput("eou_timeout_ms must be between 50 and 10000")
+            options["silence_s"] = eou_timeout_ms / 1000
+        if start_sample < 0:
+            raise InvalidInput("start_sample must be >= 0")
+        return NemoAsrStream(self, word_timestamps=word_timestamps, start_sample=start_sample, **options)
 
     def transcribe_segment(self, audio: Audio, offset_s: float, word_timestamps: bool) -> AsrResult:
         """Transcribe one streaming segment; word and segment times are shifted by ``offset_s``."""
@@ -452,11 +467,14 @@ class NemoAsrEngine:
 
 
 class NemoAsrStream:
-    """Buffered chunked streaming: re-decode the open segment every ``chunk_s`` of new audio.
+    """Buffered streaming (base.AsrStream): re-decode the open segment every ``chunk_s`` of new audio.
 
-    ``accept()`` returns the segments that became final (closed by ``silence_s`` of quiet after speech, or
-    by reaching ``max_segment_s``); the running hypothesis of the open segment is in ``partial``.
-    ``finish()`` closes the open segment and returns it.
+    Energy endpointing: a segment opens at the first chunk louder than ``silence_rms`` and becomes a
+    ``final`` event once its last ``silence_s`` are quiet (checked on every chunk) or it reaches
+    ``max_segment_s``; while it is open, each ``chunk_s`` of new audio re-decodes the whole segment
+    into a ``partial`` event (when its text changed). Re-decoding the growing segment is what works for
+    every NeMo model kind (CTC, RNNT, TDT, AED) without a cache-aware encoder; its cost grows with the
+    segment, which ``max_segment_s`` bounds.
     """
 
     def __init__(
@@ -468,6 +486,7 @@ class NemoAsrStream:
         max_segment_s: float = 15.0,
         silence_s: float = 0.6,
         silence_rms: float = 0.01,
+        start_sample: int = 0,
     ) -> None:
         self.engine = engine
         self.word_timestamps = word_timestamps
@@ -476,13 +495,17 @@ class NemoAsrStream:
         self.max_segment = max(int(max_segment_s * rate), self.chunk)
         self.silence = max(int(silence_s * rate), 1)
         self.silence_rms = silence_rms
-        self.partial: AsrResult | None = None
         self._buffer: list[Audio] = []
-        self._buffered = 0
         self._since_decode = 0
-        self._segment_start = 0  # samples since the stream opened
+        self._segment_start = start_sample  # stream sample index of the buffer's first sample
         self._heard_speech = False
+        self._last_partial = ""
         self._closed = False
+
+    @property
+    def committed_samples(self) -> int:
+        """Stream sample index before which all audio is settled (see base.AsrStream)."""
+        return self._segment_start
 
     def _segment_audio(self) -> Audio:
         if not self._buffer:
@@ -511,55 +534,70 @@ class NemoAsrStream:
         margin = int(0.25 * self.engine.sample_rate)
         return max(int(loud[0]) * frame - margin, 0), min((int(loud[-1]) + 1) * frame + margin, audio.size)
 
-    def _recognize(self, audio: Audio) -> AsrResult | None:
+    def _recognize(self, audio: Audio, kind: Literal["partial", "final"]) -> StreamEvent | None:
         span = self._speech_span(audio)
         if span is None:
             return None
         offset = (self._segment_start + span[0]) / self.engine.sample_rate
-        return self.engine.transcribe_segment(audio[span[0] : span[1]], offset, self.word_timestamps)
+        # Word times only on finals: partials are revised anyway.
+        with_words = self.word_timestamps and kind == "final"
+        result = self.engine.transcribe_segment(audio[span[0] : span[1]], offset, with_words)
+        if not result.text:
+            return None
+        end = offset + (span[1] - span[0]) / self.engine.sample_rate
+        return StreamEvent(kind=kind, text=result.text, start=offset, end=end, words=result.words)
 
-    def _close_segment(self, audio: Audio) -> AsrResult | None:
-        result = self._recognize(audio) if self._heard_speech and audio.size else None
+    def _close_segment(self, audio: Audio) -> StreamEvent | None:
+        event = self._recognize(audio, "final") if self._heard_speech and audio.size else None
         self._segment_start += audio.size
-        self._buffer, self._buffered, self._since_decode = [], 0, 0
+        self._buffer, self._since_decode = [], 0
         self._heard_speech = False
-        self.partial = None
-        return result if result is not None and result.text else None
+        self._last_partial = ""
+        return event
 
-    def accept(self, audio: Audio) -> list[AsrResult]:
+    def accept(self, audio: Audio) -> list[StreamEvent]:
         if self._closed:
-            raise InvalidInput("stream already finished")
+            raise InvalidInput("the stream is closed")
         chunk = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if not np.isfinite(chunk).all():
+            raise CorruptAudio("audio contains NaN or infinite samples")
         if chunk.size == 0:
             return []
-        finals: list[AsrResult] = []
         self._buffer.append(chunk)
-        self._buffered += chunk.size
         self._since_decode += chunk.size
         if self._rms(chunk) >= self.silence_rms:
             self._heard_speech = True
-        if self._since_decode < self.chunk and self._buffered < self.max_segment:
-            return finals
         segment = self._segment_audio()
-        self._since_decode = 0
-        tail = segment[-self.silence :]
-        ended = self._heard_speech and segment.size > self.silence and self._rms(tail) < self.silence_rms
+        if not self._heard_speech:
+            # Leading silence: drop it (keep a little context) so segments start near the speech.
+            if segment.size > 2 * self.silence:
+                keep = segment[-self.silence :]
+                self._segment_start += segment.size - keep.size
+                self._buffer = [keep]
+            self._since_decode = 0
+            return []
+        ended = segment.size > self.silence and self._rms(segment[-self.silence :]) < self.silence_rms
         if ended or segment.size >= self.max_segment:
             final = self._close_segment(segment)
-            if final is not None:
-                finals.append(final)
-        elif self._heard_speech:
-            self.partial = self._recognize(segment)
-        else:
-            # Leading silence: drop it (keep a little context) so segments start near the speech.
-            keep = segment[-self.silence :]
-            self._segment_start += segment.size - keep.size
-            self._buffer, self._buffered = [keep], keep.size
-        return finals
-
-    def finish(self) -> list[AsrResult]:
-        if self._closed:
+            return [final] if final is not None else []
+        if self._since_decode < self.chunk:
             return []
-        self._closed = True
+        self._since_decode = 0
+        partial = self._recognize(segment, "partial")
+        if partial is None or partial.text == self._last_partial:
+            return []
+        self._last_partial = partial.text
+        return [partial]
+
+    def finalize(self) -> list[StreamEvent]:
+        """Flush: the open segment (if speech was heard) becomes a final; the stream stays open."""
+        if self._closed or not self._heard_speech:
+            return []
         final = self._close_segment(self._segment_audio())
         return [final] if final is not None else []
+
+    def close(self) -> list[StreamEvent]:
+        """Flush like finalize() and end the session; accept() then raises InvalidInput."""
+        events = self.finalize()
+        self._closed = True
+        return events

@@ -7,14 +7,15 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from kubespeech.engines.base import AsrRequest, AsrResult, Audio, Segment, Word
+from kubespeech.engines.base import AsrRequest, AsrResult, Audio, Segment, StreamEvent, Word
 from kubespeech.errors import AudioTooLong, EmptyInput, EngineError, InvalidInput, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -304,14 +305,15 @@ class WhisperEngine:
         self,
         language: str | None = None,
         word_timestamps: bool = False,
+        eou_timeout_ms: int = 600,
         *,
+        start_sample: int = 0,
         prompt: str | None = None,
-        partial_interval_s: float | None = 1.0,
-        min_silence_s: float = 0.6,
+        partial_interval_s: float | None = 0.75,
         max_utterance_s: float = 20.0,
         vad_threshold: float = 0.5,
     ) -> WhisperStream:
-        """Open a streaming session over this (loaded) engine; see WhisperStream."""
+        """Open a streaming session over this (loaded) engine; see WhisperStream and base.AsrStream."""
         self._require_loaded()
         return WhisperStream(
             self,
@@ -319,9 +321,10 @@ class WhisperEngine:
             word_timestamps=word_timestamps,
             prompt=prompt,
             partial_interval_s=partial_interval_s,
-            min_silence_s=min_silence_s,
+            min_silence_s=eou_timeout_ms / 1000,
             max_utterance_s=max_utterance_s,
             vad_threshold=vad_threshold,
+            start_sample=start_sample,
         )
 
 
@@ -408,18 +411,27 @@ class StreamingVad:
         )
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
+    def discard_pending(self) -> None:
+        """Forget samples waiting for a full window (the stream flushed them); the LSTM state carries on."""
+        self._pending = np.zeros(0, dtype=np.float32)
+
 
 class WhisperStream:
-    """Buffered streaming recognition: re-transcribe the growing utterance, finalize on silence.
+    """Streaming recognition (base.AsrStream): VAD-gated utterances, re-decoded as they grow.
 
-    Silero VAD (shipped inside faster-whisper) scores each 32 ms window as it arrives. Once speech (at
-    least ~100 ms of it) has been heard and is followed by ``min_silence_s`` of non-speech, the window up
-    to the end of speech is transcribed and returned by ``accept()`` as a final; the rest starts the next
-    window. While speech continues, the window is re-transcribed every ``partial_interval_s`` of new
-    audio into ``partial`` (the running, revisable hypothesis; None disables it). A window that reaches
-    ``max_utterance_s`` is cut at its last pause (or hard) so one window never exceeds Whisper's 30 s
-    context. ``accept()``/``finish()`` return finals only, like the nemo engine's stream. Word and segment
-    times are seconds from the start of the stream.
+    Silero VAD (its ONNX model ships inside the faster-whisper wheel) scores each 32 ms window as it
+    arrives. Once speech (at least ~100 ms of it) is followed by ``min_silence_s`` of non-speech, the
+    utterance up to the end of speech is transcribed and returned as a ``final`` event; the rest of the
+    buffer starts the next utterance. While speech continues, the utterance is re-transcribed every
+    ``partial_interval_s`` of new audio into a ``partial`` event (emitted when its text changed; None
+    disables partials). Each decode costs one 30 s Whisper window whatever the utterance's length, so
+    the cost of partials is bounded by their rate; after an utterance's first partial (which comes
+    after ``partial_interval_s`` for quick feedback) the interval stretches to twice the last partial's
+    decode time, so on a slow or busy CPU partials take at most about half of real time and the stream
+    keeps up instead of falling ever further behind. An utterance that reaches ``max_utterance_s`` is cut
+    at its last pause in its second half (or hard) so it never exceeds Whisper's 30 s context. Word
+    timestamps (when asked) come with finals only: partials are revised anyway, and DTW alignment
+    would roughly double their cost.
     """
 
     _MIN_SPEECH_WINDOWS = 3  # a lone loud click is not speech worth a decode
@@ -436,13 +448,16 @@ class WhisperStream:
         min_silence_s: float,
         max_utterance_s: float,
         vad_threshold: float,
+        start_sample: int = 0,
     ) -> None:
         if not 1.0 <= max_utterance_s <= 28.0:
             raise InvalidInput("max_utterance_s must be between 1 and 28 seconds")
         if not 0.05 <= min_silence_s <= 10.0:
-            raise InvalidInput("min_silence_s must be between 0.05 and 10 seconds")
+            raise InvalidInput("eou_timeout_ms must be between 50 and 10000")
         if not 0.0 < vad_threshold < 1.0:
             raise InvalidInput("vad_threshold must be between 0 and 1")
+        if start_sample < 0:
+            raise InvalidInput("start_sample must be >= 0")
         self._engine = engine
         self._vad = StreamingVad()
         self._language = language
@@ -455,19 +470,25 @@ class WhisperStream:
         # _probs[i] scores _buffer[i*512:(i+1)*512]; the buffer is always dropped in whole windows.
         self._buffer = np.zeros(0, dtype=np.float32)
         self._probs = np.zeros(0, dtype=np.float32)
-        self._buffer_start = 0  # stream sample index of _buffer[0]
+        self._buffer_start = start_sample  # stream sample index of _buffer[0]
         self._since_partial = 0
+        self._last_partial = ""
+        self._partial_cost = 0  # wall time of the last partial decode, in samples of real-time audio
         self._closed = False
-        self.partial: AsrResult | None = None
+
+    @property
+    def committed_samples(self) -> int:
+        """Stream sample index before which all audio is settled (see base.AsrStream)."""
+        return self._buffer_start
 
     @property
     def position(self) -> float:
-        """Seconds of audio accepted so far."""
+        """Seconds of stream time accepted so far."""
         return (self._buffer_start + len(self._buffer)) / SAMPLE_RATE
 
-    def accept(self, audio: Audio) -> list[AsrResult]:
+    def accept(self, audio: Audio) -> list[StreamEvent]:
         if self._closed:
-            raise InvalidInput("the stream is finished")
+            raise InvalidInput("the stream is closed")
         chunk = np.asarray(audio)
         if chunk.ndim != 1 or not np.issubdtype(chunk.dtype, np.floating):
             raise InvalidInput("stream audio must be mono float samples")
@@ -481,23 +502,32 @@ class WhisperStream:
         self._since_partial += chunk.size
         return self._step()
 
-    def finish(self) -> list[AsrResult]:
-        """Flush: the remaining speech (if any) becomes a final; the session then accepts no more audio."""
+    def finalize(self) -> list[StreamEvent]:
+        """Flush: the open utterance (if any speech was heard) becomes a final; the stream stays open."""
         if self._closed:
             return []
-        self._closed = True
         speech = np.flatnonzero(self._probs >= self._threshold)
-        result = None
-        if speech.size >= self._MIN_SPEECH_WINDOWS:
-            start = max(0, int(speech[0]) - self._PAD_WINDOWS) * _VAD_WINDOW
-            result = self._final(start, len(self._buffer))
-        self.partial = None
+        if speech.size < self._MIN_SPEECH_WINDOWS:
+            return []  # nothing to flush; the buffered quiet stays as onset context for what follows
+        start = max(0, int(speech[0]) - self._PAD_WINDOWS) * _VAD_WINDOW
+        event = self._final(start, len(self._buffer))
+        # Everything buffered is settled now, including samples the VAD has not scored yet (< 1 window).
+        self._vad.discard_pending()
+        self._buffer_start += len(self._buffer)
         self._buffer = np.zeros(0, dtype=np.float32)
         self._probs = np.zeros(0, dtype=np.float32)
-        return [result] if result is not None else []
+        return [event] if event is not None else []
 
-    def _step(self) -> list[AsrResult]:
-        out: list[AsrResult] = []
+    def close(self) -> list[StreamEvent]:
+        """Flush like finalize() and end the session; accept() then raises InvalidInput."""
+        if self._closed:
+            return []
+        events = self.finalize()
+        self._closed = True
+        return events
+
+    def _step(self) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
         while True:
             probs = self._probs
             speech = np.flatnonzero(probs >= self._threshold)
@@ -515,14 +545,26 @@ class WhisperStream:
             elif len(probs) - start >= self._max_windows:
                 end = self._cut_point(start)
             else:
-                if self._partial_samples is not None and self._since_partial >= self._partial_samples:
+                if self._partial_samples is not None and self._since_partial >= self._partial_due():
                     self._since_partial = 0
-                    self.partial = self._recognize(start * _VAD_WINDOW, len(self._buffer), final=False)
+                    started = time.perf_counter()
+                    partial = self._recognize(start * _VAD_WINDOW, len(self._buffer), final=False)
+                    self._partial_cost = int((time.perf_counter() - started) * SAMPLE_RATE)
+                    if partial.text and partial.text != self._last_partial:
+                        self._last_partial = partial.text
+                        out.append(self._event("partial", partial, start * _VAD_WINDOW, len(self._buffer)))
                 return out
-            result = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW)
-            if result is not None:
-                out.append(result)
+            event = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW)
+            if event is not None:
+                out.append(event)
             self._drop(end)  # the rest of the buffer may already hold the next utterance: loop
+
+    def _partial_due(self) -> int:
+        """Samples of new audio before the next partial (see the class docstring)."""
+        assert self._partial_samples is not None
+        if not self._last_partial:
+            return self._partial_samples
+        return max(self._partial_samples, 2 * self._partial_cost)
 
     def _cut_point(self, start: int) -> int:
         """Where to split an over-long window (in windows): its last pause in the second half, else its end."""
@@ -530,13 +572,25 @@ class WhisperStream:
         quiet = np.flatnonzero(self._probs[half:] < self._threshold)
         return int(half + quiet[-1] + 1) if quiet.size else len(self._probs)
 
-    def _final(self, start: int, end: int) -> AsrResult | None:
-        self.partial = None
+    def _final(self, start: int, end: int) -> StreamEvent | None:
         self._since_partial = 0
+        self._last_partial = ""
         if end - start < int(self._engine.min_audio_s * SAMPLE_RATE):
             return None
         result = self._recognize(start, end, final=True)
-        return result if result.text else None
+        return self._event("final", result, start, end) if result.text else None
+
+    def _event(
+        self, kind: Literal["partial", "final"], result: AsrResult, start: int, end: int
+    ) -> StreamEvent:
+        """An event spanning the recognized segments (stream time), or the decoded window if it has none."""
+        t0 = (self._buffer_start + start) / SAMPLE_RATE
+        t1 = (self._buffer_start + end) / SAMPLE_RATE
+        if result.segments:
+            t0, t1 = result.segments[0].start, result.segments[-1].end
+        return StreamEvent(
+            kind=kind, text=result.text, start=round(t0, 3), end=round(t1, 3), words=result.words
+        )
 
     def _recognize(self, start: int, end: int, *, final: bool) -> AsrResult:
         return self._engine._decode(
