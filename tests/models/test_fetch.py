@@ -297,16 +297,6 @@ def test_local_directory_and_bad_sources(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
-def test_s3_without_boto3_says_what_is_missing(tmp_path: Path) -> None:
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        with pytest.raises(BadSource, match="boto3"):
-            fetch("s3://bucket/models/x.nemo", tmp_path / "c", progress=quiet())
-    else:
-        pytest.skip("boto3 is installed here: the missing-boto3 message cannot be observed")
-
-
 def test_progress_is_logged_periodically_off_a_terminal(
     server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,8 +2,9 @@
 
 Sources: ``hf://org/name[/path/in/repo][@revision]`` (Hugging Face; ``HF_ENDPOINT``, ``HF_TOKEN``),
 ``ngc://org/[team/]model:version[/file]`` (NVIDIA NGC; ``NGC_ENDPOINT``, ``NGC_API_KEY``), ``https://...``
-(and ``http://``), ``s3://bucket/key`` or ``s3://bucket/prefix/`` (needs boto3), and a local file or
-directory.
+(and ``http://``), ``s3://bucket/key`` or ``s3://bucket/prefix/`` (boto3, the ``s3`` extra; credentials from
+the standard AWS chain, e.g. ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; an S3-compatible store such as
+MinIO or Ceph via ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``), and a local file or directory.
 
 How a fetch behaves (this is what the operator's model-cache Job runs, and Jobs retry):
 
@@ -11,10 +12,10 @@ How a fetch behaves (this is what the operator's model-cache Job runs, and Jobs 
   complete and verified, so the destination never holds a partial or unverified file.
 - Verification: the sha256 given with ``--sha256`` or published by the source (Hugging Face LFS files), else
   the size the source announced.
-- An interrupted HTTP transfer resumes with a ``Range`` request, within this run (retries with backoff) and
-  in the next run: after a network failure the partial data is kept for that purpose. Every other failure
-  (401/403/404, checksum mismatch, no space) removes what this run wrote, and a destination directory this
-  run created is removed again.
+- An interrupted HTTP or S3 transfer resumes with a ``Range`` request, within this run (retries with
+  backoff) and in the next run: after a network failure the partial data is kept for that purpose. Every
+  other failure (401/403/404, no credentials, checksum mismatch, no space) removes what this run wrote, and
+  a destination directory this run created is removed again.
 - ``DIR/.kubespeech-fetch.json`` records what was fetched; a second run with the same source and files
   present does nothing (no network access).
 """
@@ -273,27 +274,51 @@ def _http_files(source: str, name: str | None) -> list[RemoteFile]:
     return [RemoteFile(name=file_name, url=source)]
 
 
-def _s3_files(rest: str, include: str | None) -> list[RemoteFile]:
+def _s3_files(rest: str, include: str | None, timeout_s: float = 30.0) -> list[RemoteFile]:
     bucket, _, key = rest.partition("/")
     if not bucket or not key:
         raise BadSource("s3:// source needs s3://bucket/key or s3://bucket/prefix/")
-    client = _s3_client()
-    files = []
+    client = _s3_client(timeout_s)
     if key.endswith("/"):
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key):
-            for obj in page.get("Contents") or []:
-                rel = str(obj["Key"])[len(key) :]
-                if rel and not rel.endswith("/") and (not include or fnmatch.fnmatch(rel, include)):
-                    files.append(RemoteFile(name=rel, size=int(obj["Size"]), s3=(bucket, str(obj["Key"]))))
+        files = []
+        try:
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents") or []:
+                    rel = str(obj["Key"])[len(key) :]
+                    if rel and not rel.endswith("/") and (not include or fnmatch.fnmatch(rel, include)):
+                        files.append(
+                            RemoteFile(name=rel, size=int(obj["Size"]), s3=(bucket, str(obj["Key"])))
+                        )
+        except Exception as exc:
+            raise _s3_error(exc, f"s3://{bucket}/{key}") from exc
         if not files:
-            raise NotFound(f"nothing under s3://{bucket}/{key}")
+            matching = f" matching '{include}'" if include else ""
+            raise NotFound(f"no objects{matching} under s3://{bucket}/{key}")
         return files
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except Exception as exc:
-        raise _s3_error(exc, f"s3://{bucket}/{key}") from exc
+        error = _s3_error(exc, f"s3://{bucket}/{key}")
+        if isinstance(error, NotFound):
+            error = _s3_not_found(client, bucket, key)
+        raise error from exc
     return [RemoteFile(name=key.rsplit("/", 1)[-1], size=int(head["ContentLength"]), s3=(bucket, key))]
+
+
+def _s3_not_found(client: Any, bucket: str, key: str) -> NotFound:
+    """Which is missing, the bucket or the key: a HEAD answers a bare 404 for both."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        if isinstance(_s3_error(exc, f"s3://{bucket}"), NotFound):
+            return NotFound(f"no such bucket: s3://{bucket}")
+        return NotFound(f"not found: s3://{bucket}/{key}")
+    hint = ""
+    with contextlib.suppress(Exception):
+        if client.list_objects_v2(Bucket=bucket, Prefix=key + "/", MaxKeys=1).get("KeyCount"):
+            hint = f" (a prefix of that name exists: use s3://{bucket}/{key}/ for every object under it)"
+    return NotFound(f"no such key: s3://{bucket}/{key}{hint}")
 
 
 def _local_files(source: str, include: str | None) -> list[RemoteFile]:
@@ -312,7 +337,12 @@ def _local_files(source: str, include: str | None) -> list[RemoteFile]:
 
 
 def plan(
-    source: str, client: httpx.Client, *, name: str | None = None, include: str | None = None
+    source: str,
+    client: httpx.Client,
+    *,
+    name: str | None = None,
+    include: str | None = None,
+    timeout_s: float = 30.0,
 ) -> list[RemoteFile]:
     """The files ``source`` stands for, with what is known of their sizes and checksums."""
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
@@ -324,7 +354,7 @@ def plan(
     elif scheme in ("http", "https"):
         files = _http_files(source, name)
     elif scheme == "s3":
-        files = _s3_files(rest, include)
+        files = _s3_files(rest, include, timeout_s)
     elif scheme in ("", "file"):
         files = _local_files(source, include)
     else:
@@ -467,55 +497,138 @@ def _content_range_start(value: str | None) -> int:
 # ----- S3 and local -----------------------------------------------------------------------------------
 
 
-def _s3_client() -> Any:
+def _s3_client(timeout_s: float = 30.0) -> Any:
+    """An S3 client: credentials from the standard AWS chain, the endpoint from ``AWS_ENDPOINT_URL(_S3)``."""
     try:
         import boto3
+        from botocore.config import Config
     except ImportError:
-        raise BadSource("s3:// sources need boto3: pip install boto3") from None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint) if endpoint else boto3.client("s3")
+        raise BadSource("s3:// sources need boto3: pip install boto3 (the kubespeech[s3] extra)") from None
+    # boto3 reads these two itself too; passing the endpoint explicitly also makes botocore address buckets
+    # by path (http://minio:9000/bucket/key), which MinIO or Ceph behind a plain service name needs.
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    config = Config(
+        connect_timeout=min(timeout_s, 10.0),
+        read_timeout=timeout_s,
+        # Few botocore retries: _download_s3 retries by itself, resuming where the data stopped.
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+_S3_DENIED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "SignatureDoesNotMatch",
+}
+_S3_TRANSIENT = {"InternalError", "RequestTimeout", "ServiceUnavailable", "SlowDown", "Throttling"}
 
 
 def _s3_error(exc: Exception, where: str) -> FetchError:
-    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-    if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-        return NotFound(f"not found: {where}")
-    if code in ("401", "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return AccessDenied(f"access denied: {where} ({code})")
-    return TransferFailed(f"{where}: {exc}")
+    """The FetchError (and so the exit code) for a boto3/botocore exception."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        CredentialRetrievalError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return AccessDenied(
+            f"no usable AWS credentials for {where} ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(for the model-cache Job: spec.modelCache.env from a Secret)"
+        )
+    if isinstance(exc, ParamValidationError):
+        return BadSource(f"{where}: {exc}")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = _int_or_none(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) or 0
+        if code == "NoSuchBucket":
+            return NotFound(f"no such bucket: s3://{where[len('s3://') :].split('/', 1)[0]}")
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            return NotFound(f"not found: {where}")
+        if code in _S3_DENIED or status in (401, 403):
+            return AccessDenied(
+                f"access denied ({code or status}) for {where}: the credentials lack access "
+                "(S3 also answers 403 for a missing key when they lack s3:ListBucket)"
+            )
+        if code == "InvalidBucketName":
+            return BadSource(f"invalid bucket name in {where}")
+        if code in _S3_TRANSIENT or status >= 500 or status in (408, 429):
+            return TransferFailed(f"{where}: {code or status}: {exc}")
+        return FetchError(f"{where}: {code or status}: {exc}")
+    if isinstance(exc, BotoCoreError):
+        # Endpoint unreachable, timeouts, a body cut short: the next attempt or run resumes.
+        return TransferFailed(f"{where}: {exc}")
+    return TransferFailed(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def _download_s3(f: RemoteFile, part: Path, progress: Progress, retries: int) -> None:
+def _download_s3(client: Any, f: RemoteFile, part: Path, progress: Progress, retries: int) -> None:
+    """Append ``f`` to ``part`` from where it stops, retrying network failures with ranged GETs."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     assert f.s3 is not None
     bucket, key = f.s3
-    client = _s3_client()
+    where = f"s3://{bucket}/{key}"
     attempt = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
-        if f.size is not None and have >= f.size:
+        if f.size is not None and have == f.size:
             return
+        if f.size is not None and have > f.size:
+            part.unlink()
+            have = 0
         try:
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
-            if have:
-                kwargs["Range"] = f"bytes={have}-"
-            body = client.get_object(**kwargs)["Body"]
-            progress.start(f.name, f.size, have)
             try:
-                with part.open("ab") as out:
-                    while chunk := body.read(_CHUNK):
-                        out.write(chunk)
-                        progress.advance(len(chunk))
-            finally:
-                progress.finish()
+                kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+                if have:
+                    kwargs["Range"] = f"bytes={have}-"
+                response = client.get_object(**kwargs)
+                body = response["Body"]
+                if have and response.get("ContentRange") is None:
+                    # The store ignored the Range and sends the whole object: start the file over.
+                    part.unlink()
+                    have = 0
+                elif have and _content_range_start(response["ContentRange"]) != have:
+                    body.close()
+                    part.unlink(missing_ok=True)
+                    raise _Retry(f"store resumed at {response['ContentRange']}, not at byte {have}")
+                progress.start(f.name, f.size, have)
+                try:
+                    with part.open("ab") as out:
+                        while chunk := body.read(_CHUNK):
+                            out.write(chunk)
+                            progress.advance(len(chunk))
+                finally:
+                    progress.finish()
+                    body.close()
+            except (BotoCoreError, ClientError) as exc:
+                error = _s3_error(exc, where)
+                if not error.keep_partial:
+                    raise error from exc
+                raise _Retry(str(error)) from exc
+            got = part.stat().st_size
+            if f.size is not None and got < f.size:
+                raise _Retry(f"transfer stopped at byte {got} of {f.size}")
             return
-        except OSError:
-            raise
-        except Exception as exc:
-            error = _s3_error(exc, f"s3://{bucket}/{key}")
+        except _Retry as exc:
             attempt += 1
-            if not error.keep_partial or attempt > retries:
-                raise error from exc
-            time.sleep(min(0.2 * 2**attempt, 10.0))
+            if attempt > retries:
+                raise TransferFailed(
+                    f"download of {f.name} failed after {retries} retries: {exc}; run again to resume"
+                ) from exc
+            delay = min(0.2 * 2**attempt, 10.0)
+            log.warning(
+                "download interrupted; resuming",
+                extra={"file": f.name, "error": str(exc), "retry_in_s": delay},
+            )
+            time.sleep(delay)
 
 
 def _copy_local(f: RemoteFile, part: Path, progress: Progress) -> None:
@@ -663,9 +776,10 @@ def fetch(
         )
     )
     written: list[Path] = []
+    s3_client: Any = None
     try:
         with new_client() as client:
-            files = plan(source, client, name=name, include=include)
+            files = plan(source, client, name=name, include=include, timeout_s=timeout_s)
             if sha256 is not None:
                 if len(files) != 1:
                     raise BadSource(f"--sha256 needs a single-file source; {source} has {len(files)} files")
@@ -687,7 +801,8 @@ def fetch(
                     part.parent.mkdir(parents=True, exist_ok=True)
                     written.append(part)
                     if f.s3 is not None:
-                        _download_s3(f, part, progress, retries)
+                        s3_client = s3_client or _s3_client(timeout_s)
+                        _download_s3(s3_client, f, part, progress, retries)
                     elif f.local is not None:
                         _copy_local(f, part, progress)
                     else:
