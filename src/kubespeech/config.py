@@ -26,6 +26,14 @@ class RedisSettings(BaseSettings):
     tls_insecure_skip_verify: bool = Field(
         False, description="Skip certificate checks for rediss:// (testing)."
     )
+    max_connections: int = Field(
+        512,
+        ge=4,
+        description=(
+            "Connections per API process; each request in flight holds one while it waits for its result, "
+            "so requests beyond the pool (less a few kept for other commands) wait for a free one."
+        ),
+    )
 
     def resolved_password(self) -> str | None:
         if self.password is not None:
@@ -85,6 +93,14 @@ class WorkerSettings(BaseSettings):
     )
     health_host: str = Field("0.0.0.0", description="Address the health server binds.")
     drain_timeout_s: float = Field(60.0, gt=0, description="On SIGTERM, how long in-flight work may take.")
+    max_batch_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "An engine call running longer is taken as hung: /healthz and /readyz fail (the kubelet restarts "
+            "the pod) and its jobs are released to other workers, or dead-lettered on their last delivery."
+        ),
+    )
     engine_options: dict[str, object] = Field(
         default_factory=dict, description="Engine-specific options (JSON)."
     )

@@ -116,10 +116,12 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
         max_upload_bytes=settings.limits.max_upload_bytes,
         max_json_bytes=settings.limits.max_json_bytes,
     )
-    from kubespeech.api import legacy, openai_audio, ops, waves
+    from kubespeech.api import legacy, openai_audio, ops, stt_live, tts_live, waves
 
     app.include_router(ops.router)
     app.include_router(waves.router)
+    app.include_router(tts_live.router)
+    app.include_router(stt_live.router)
     app.include_router(legacy.router)
     app.include_router(openai_audio.router)
     return app

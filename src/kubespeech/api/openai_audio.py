@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from kubespeech.api.deps import Service, State, require_key
 from kubespeech.api.errors import OpenAIError, error_responses
 from kubespeech.api.service import SynthesizeRequest, TranscribeRequest, Transcript
+from kubespeech.api.tts_live import SSE_HEADERS, b64, encoded_chunks, sse_event
 from kubespeech.api.waves import audio_response_doc, json_response
-from kubespeech.errors import UnknownModel
+from kubespeech.audio.encode import CONTENT_TYPES
+from kubespeech.errors import InvalidInput, KubespeechError, UnknownModel
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["OpenAI audio"], dependencies=[Depends(require_key)])
 
 _STARTED = int(time.time())
@@ -80,7 +84,14 @@ class SpeechBody(BaseModel):
     instructions: str | None = Field(None, max_length=4096, description="Accepted and ignored.")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
-    stream_format: Literal["audio"] | None = Field(None, description="Only whole-file audio is served here.")
+    stream_format: Literal["audio", "sse"] | None = Field(
+        None,
+        description=(
+            "`sse`: Server-Sent Events (`speech.audio.delta` with base64 audio as it is synthesized, then "
+            "`speech.audio.done`), pcm (the default here) or wav. `audio`: pcm and wav are sent chunk by chunk "
+            "as they are synthesized (wav with an unknown-length header). Omitted: the whole file at once."
+        ),
+    )
 
 
 class ModelEntry(BaseModel):
@@ -227,6 +238,16 @@ async def create_transcription(
 )
 async def create_speech(service: Service, body: SpeechBody) -> Response:
     voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
+    sse = body.stream_format == "sse"
+    fmt = "pcm" if sse and "response_format" not in body.model_fields_set else body.response_format
+    # Streaming jobs run one by one on a worker (no micro-batching), so whole-file stays the default and
+    # a client asks for chunks by naming a stream_format.
+    if sse or (body.stream_format == "audio" and fmt in ("pcm", "wav")):
+        if fmt not in ("pcm", "wav"):
+            raise InvalidInput(
+                f"stream_format 'sse' streams pcm or wav, not '{fmt}'", param="response_format"
+            )
+        return await _stream_speech(service, body, voice, fmt, sse)
     speech = await service.synthesize(
         SynthesizeRequest(
             text=body.input,
@@ -242,6 +263,49 @@ async def create_speech(service: Service, body: SpeechBody) -> Response:
     return Response(
         speech.audio, media_type=speech.content_type, headers={"X-Sample-Rate": str(speech.sample_rate)}
     )
+
+
+async def _stream_speech(service: Any, body: SpeechBody, voice: str, fmt: str, sse: bool) -> Response:
+    stream = await service.open_stream(
+        SynthesizeRequest(
+            text=body.input,
+            model=body.model,
+            voice=voice,
+            speed=body.speed,
+            output_format=fmt,
+            sample_rate=24000 if fmt == "pcm" else None,  # OpenAI's pcm is 24 kHz
+            surface="openai",
+        )
+    )
+    headers = {"X-Sample-Rate": str(stream.sample_rate)}
+    if not sse:
+        # Mid-stream failures cannot change a status already sent: the body just ends early.
+        return StreamingResponse(
+            _quiet(encoded_chunks(stream, fmt)), media_type=CONTENT_TYPES[fmt], headers=headers
+        )
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in encoded_chunks(stream, fmt):
+                yield sse_event({"type": "speech.audio.delta", "audio": b64(chunk)})
+        except KubespeechError as exc:
+            yield sse_event({"type": "error", "error": {"message": exc.message, "code": exc.code}})
+            return
+        # There is no tokenizer here: input characters stand in for input tokens, and no audio tokens exist.
+        usage = {"input_tokens": len(body.input), "output_tokens": 0, "total_tokens": len(body.input)}
+        yield sse_event({"type": "speech.audio.done", "usage": usage})
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+async def _quiet(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except KubespeechError as exc:
+        log.warning(
+            "speech stream failed after its first chunk", extra={"code": exc.code, "error": exc.message}
+        )
 
 
 def _model_entries(state: Any) -> list[dict[str, Any]]:

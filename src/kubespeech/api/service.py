@@ -8,10 +8,14 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+import orjson
+import soxr
 from redis.exceptions import RedisError
 
 from kubespeech.api import metrics
@@ -346,6 +350,117 @@ class SpeechService:
 
     # -- text to speech -------------------------------------------------------------------------------
 
+    async def _tts_job(
+        self, model: ModelInfo, req: SynthesizeRequest, *, stream: bool
+    ) -> tuple[str | None, dict[str, Any]]:
+        """Validate a synthesis request (text, voice, language, license) and build its job's meta."""
+        chars = len(req.text)
+        if not req.text.strip():
+            raise EmptyInput("text is empty", param="text")
+        if chars > self.settings.limits.max_text_chars:
+            raise TextTooLong(
+                f"text is {chars} characters long; the limit is {self.settings.limits.max_text_chars}",
+                param="text",
+                limit_chars=self.settings.limits.max_text_chars,
+            )
+        voice = self.registry.resolve_voice(model, req.voice)
+        language = normalize_language(req.language)
+        await self._check_license("tts")
+        metrics.CHARACTERS_IN.labels(req.surface, model.name).inc(chars)
+        meta = tts_meta(text=req.text, voice=voice, speed=req.speed, language=language, stream=stream)
+        return voice, meta
+
+    async def open_stream(self, req: SynthesizeRequest) -> SpeechStream:
+        """Start a streaming synthesis and wait for its first chunk.
+
+        Waiting for the first chunk before answering keeps every failure that happens before any audio
+        (unknown voice, no worker, full queue, an engine refusing the text) an ordinary error response;
+        only failures after the first chunk reach the client inside the stream.
+        """
+        model_name = req.model or ""
+        try:
+            model = self.registry.resolve(req.model, "tts")
+            model_name = model.name
+            voice, meta = await self._tts_job(model, req, stream=True)
+            timeout = self.settings.limits.request_timeout_s
+            try:
+                ticket = await self.jobs.enqueue(model.name, meta, b"", timeout_s=timeout)
+            except (RedisError, OSError) as exc:
+                raise self._queue_unreachable(exc) from None
+            reader = _ChunkReader(self.jobs, ticket, time.monotonic() + timeout)
+            try:
+                first = await _while_client_waits(self._first_chunk(model, ticket, reader))
+            except BaseException:
+                self._stop_stream(reader)
+                raise
+            return SpeechStream(self, model.name, voice, req, reader, first)
+        except KubespeechError as exc:
+            if isinstance(exc, DeadlineExceeded | NoWorkers) or exc.http_status >= 500:
+                metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
+            self._record("tts", model_name, 0.0, len(req.text), exc.http_status)
+            raise
+
+    def _queue_unreachable(self, exc: BaseException) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            f"the job queue is unreachable ({type(exc).__name__}); retry shortly",
+            retry_after=float(self.settings.limits.retry_after_s),
+        )
+
+    async def _first_chunk(self, model: ModelInfo, ticket: Ticket, reader: _ChunkReader) -> tuple[bytes, int]:
+        try:
+            if self.registry.live.get(model.name, 0) == 0:
+                await self._hold_stream(model, ticket, reader)
+            first = await reader.next()
+        except (RedisError, OSError) as exc:
+            raise self._queue_unreachable(exc) from None
+        if first is None:
+            raise EmptyInput("the text contains nothing that can be spoken", param="text")
+        return first
+
+    async def _hold_stream(self, model: ModelInfo, ticket: Ticket, reader: _ChunkReader) -> None:
+        """Hold a stream's job while its model's pool scales from zero (like ``_cold_start``, same metrics)."""
+        started = time.monotonic()
+        wait = model.cold_start_wait_s
+        hold = self.settings.limits.cold_start_wait_s if wait is None else wait
+        hold = min(hold, max(reader.deadline - started, 0.0))
+        try:
+            up = await self.registry.wait_for_worker(model.name, hold)
+        except asyncio.CancelledError:
+            metrics.COLD_STARTS.labels(model.name, "disconnected").inc()
+            raise
+        held = time.monotonic() - started
+        # Unless a worker took the job between the last look and the abandon, nobody will.
+        if not up and await self.jobs.abandon(ticket) == "abandoned":
+            reader.finished = True
+            self._cold_start_outcome(model.name, "unavailable", held)
+            raise NoWorkers(
+                f"no worker serves model '{model.name}' yet (cold start); retry shortly",
+                retry_after=float(self.settings.limits.retry_after_s),
+                model=model.name,
+            )
+        self._cold_start_outcome(model.name, "served", held)
+
+    def _stop_stream(self, reader: _ChunkReader) -> None:
+        """Stop the job of a stream nobody reads any more (abandon it, or make its worker stop), without
+        waiting: this runs while the request is being torn down, where an await may be cancelled again."""
+        if reader.finished:
+            return
+        reader.finished = True
+
+        async def stop() -> None:
+            try:
+                if await self.jobs.abandon(reader.ticket) != "abandoned":
+                    await self.jobs.stop_stream(reader.ticket.job_id)
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "could not stop a stream whose client has gone",
+                    extra={"job_id": reader.ticket.job_id, "error": f"{type(exc).__name__}: {exc}"},
+                )
+
+        task = asyncio.create_task(stop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _encode(self, pcm: bytes, src_rate: int, dst_rate: int, fmt: str) -> tuple[bytes, str]:
         return encode_audio(resample_pcm16(pcm, src_rate, dst_rate), dst_rate, fmt)
 
@@ -357,19 +472,7 @@ class SpeechService:
         try:
             model = self.registry.resolve(req.model, "tts")
             model_name = model.name
-            if not req.text.strip():
-                raise EmptyInput("text is empty", param="text")
-            if chars > self.settings.limits.max_text_chars:
-                raise TextTooLong(
-                    f"text is {chars} characters long; the limit is {self.settings.limits.max_text_chars}",
-                    param="text",
-                    limit_chars=self.settings.limits.max_text_chars,
-                )
-            voice = self.registry.resolve_voice(model, req.voice)
-            language = normalize_language(req.language)
-            await self._check_license("tts")
-            metrics.CHARACTERS_IN.labels(req.surface, model.name).inc(chars)
-            meta = tts_meta(text=req.text, voice=voice, speed=req.speed, language=language)
+            voice, meta = await self._tts_job(model, req, stream=False)
             result = await self._call(model, meta, b"")
             src_rate = int(result.header.get("sample_rate") or model.sample_rate or 22050)
             dst_rate = req.sample_rate or src_rate
@@ -399,3 +502,118 @@ class SpeechService:
             raise
         finally:
             self._record("tts", model_name, out_seconds, chars, status)
+
+
+class _ChunkReader:
+    """Reads one streaming job's chunk stream in order (XREAD BLOCK), skipping the chunks a job restarted
+    by another worker (after its first worker died) sends again: every seq at or below the last one read."""
+
+    def __init__(self, jobs: JobClient, ticket: Ticket, deadline: float) -> None:
+        self.jobs = jobs
+        self.ticket = ticket
+        self.deadline = deadline  # time.monotonic()
+        self.last_id = "0-0"
+        self.last_seq = -1
+        self.finished = False
+        self._pending: deque[tuple[str, dict[bytes, bytes]]] = deque()
+
+    async def next(self) -> tuple[bytes, int] | None:
+        """The next new chunk (PCM16, its rate), None once the job is done; raises the job's error."""
+        while True:
+            while self._pending:
+                _, fields = self._pending.popleft()
+                if b"e" in fields:
+                    self.finished = True
+                    raise KubespeechError.from_dict(orjson.loads(fields[b"e"]))
+                if b"done" in fields:
+                    self.finished = True
+                    return None
+                seq = int(fields[b"seq"])
+                if seq <= self.last_seq:
+                    continue
+                self.last_seq = seq
+                return fields[b"pcm"], int(fields[b"sr"])
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    "the stream did not finish before its deadline", job_id=self.ticket.job_id
+                )
+            # Short blocks: a connection never sits in one read long enough to meet a socket timeout.
+            entries = await self.jobs.read_chunks(self.ticket.job_id, self.last_id, min(left, 5.0))
+            if entries:
+                self.last_id = entries[-1][0]
+                self._pending.extend(entries)
+
+
+class SpeechStream:
+    """A synthesis whose audio arrives chunk by chunk: iterate ``pcm()`` once for 16-bit mono PCM at
+    ``sample_rate`` (the requested rate, else the engine's); closing it early stops the job."""
+
+    def __init__(
+        self,
+        service: SpeechService,
+        model: str,
+        voice: str | None,
+        req: SynthesizeRequest,
+        reader: _ChunkReader,
+        first: tuple[bytes, int],
+    ) -> None:
+        self.service = service
+        self.model = model
+        self.voice = voice
+        self.req = req
+        self.reader = reader
+        self._first = first
+        self.source_rate = first[1]
+        self.sample_rate = req.sample_rate or first[1]
+        self.job_id = reader.ticket.job_id
+        self.samples_out = 0
+        self.chunks_out = 0
+        # One resampler for the whole stream: resampling chunks one by one would click at every seam.
+        self._resampler = (
+            soxr.ResampleStream(self.source_rate, self.sample_rate, 1, dtype="int16", quality="HQ")
+            if self.sample_rate != self.source_rate
+            else None
+        )
+
+    @property
+    def duration(self) -> float:
+        return self.samples_out / self.sample_rate
+
+    def _convert(self, pcm: bytes, rate: int, last: bool = False) -> bytes:
+        if self._resampler is None:
+            return pcm
+        if rate != self.source_rate:
+            # Another worker (another voice config) answered a restarted job at another rate.
+            pcm = resample_pcm16(pcm, rate, self.source_rate)
+        ints = np.frombuffer(pcm[: len(pcm) - len(pcm) % 2], dtype="<i2")
+        return bytes(self._resampler.resample_chunk(ints, last=last).astype("<i2").tobytes())
+
+    async def pcm(self) -> AsyncIterator[bytes]:
+        status = 500
+        try:
+            item: tuple[bytes, int] | None = self._first
+            while item is not None:
+                out = self._convert(*item)
+                if out:
+                    self.samples_out += len(out) // 2
+                    self.chunks_out += 1
+                    yield out
+                item = await self.reader.next()
+            if self._resampler is not None:
+                tail = self._convert(b"", self.source_rate, last=True)
+                if tail:
+                    self.samples_out += len(tail) // 2
+                    self.chunks_out += 1
+                    yield tail
+            status = 200
+        except KubespeechError as exc:
+            status = exc.http_status
+            raise
+        except (RedisError, OSError) as exc:
+            status = 503
+            raise self.service._queue_unreachable(exc) from None
+        finally:
+            self.service._stop_stream(self.reader)
+            metrics.AUDIO_SECONDS_OUT.labels(self.req.surface, self.model).inc(self.duration)
+            self.service._record("tts", self.model, self.duration, len(self.req.text), status)

@@ -30,10 +30,11 @@ class _CallLog:
 class NoopAsrEngine:
     """Returns the number of samples it received as the transcript.
 
-    Three options exist for tests of the worker runtime (never set in deployments): ``delay_s`` sleeps
-    per batch (work in flight when a worker is killed or drained), ``exit_on_samples`` ends the process
-    abruptly on an input of exactly that many samples (a poison job), and ``calls_file`` appends the
-    sample count of every request the engine receives to that file (which jobs reached the engine).
+    Four options exist for tests of the worker runtime (never set in deployments): ``delay_s`` sleeps
+    per batch (work in flight when a worker is killed or drained), ``hang_s`` blocks the engine thread
+    that long on every batch (a stuck CUDA call), ``exit_on_samples`` ends the process abruptly on an
+    input of exactly that many samples (a poison job), and ``calls_file`` appends the sample count of
+    every request the engine receives to that file (which jobs reached the engine).
     """
 
     name = "noop"
@@ -44,12 +45,14 @@ class NoopAsrEngine:
         model_path: str | None = None,
         device: str = "cpu",
         delay_s: float = 0.0,
+        hang_s: float = 0.0,
         exit_on_samples: int | None = None,
         calls_file: str | None = None,
         **_: Any,
     ) -> None:
         self.device = device
         self.delay_s = float(delay_s)
+        self.hang_s = float(hang_s)
         self.exit_on_samples = exit_on_samples
         self.calls = _CallLog(calls_file)
         self.batch_sizes: list[int] = []
@@ -64,6 +67,8 @@ class NoopAsrEngine:
             os._exit(70)
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.hang_s:
+            time.sleep(self.hang_s)
         return [
             AsrResult(text=f"{len(r.audio)} samples", duration=len(r.audio) / self.sample_rate)
             for r in requests
@@ -76,8 +81,9 @@ class NoopAsrEngine:
 class NoopTtsEngine:
     """Returns 10 ms of silence per character.
 
-    Test-only options (never set in deployments): ``delay_s`` sleeps per batch, and ``calls_file``
-    appends the text of every request the engine receives to that file, one line each.
+    Test-only options (never set in deployments): ``delay_s`` sleeps per batch, ``hang_s`` blocks the
+    engine thread that long on every batch (a stuck engine), and ``calls_file`` appends the text of every
+    request the engine receives to that file, one line each.
     """
 
     name = "noop"
@@ -88,11 +94,13 @@ class NoopTtsEngine:
         model_path: str | None = None,
         device: str = "cpu",
         delay_s: float = 0.0,
+        hang_s: float = 0.0,
         calls_file: str | None = None,
         **_: Any,
     ) -> None:
         self.device = device
         self.delay_s = float(delay_s)
+        self.hang_s = float(hang_s)
         self.calls = _CallLog(calls_file)
 
     def load(self) -> None:
@@ -112,6 +120,8 @@ class NoopTtsEngine:
         self.calls.record([r.text for r in requests])
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.hang_s:
+            time.sleep(self.hang_s)
         out: list[TtsResult | Exception] = []
         for r in requests:
             try:

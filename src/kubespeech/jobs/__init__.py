@@ -12,6 +12,13 @@ from kubespeech.jobs.protocol import (
     live_workers,
     queue_depth,
 )
+from kubespeech.jobs.sessions import (
+    SessionClient,
+    SessionConsumer,
+    SessionKeys,
+    SessionSettings,
+    active_sessions,
+)
 
 __all__ = [
     "GROUP",
@@ -21,7 +28,12 @@ __all__ = [
     "Keys",
     "QueueDepth",
     "Result",
+    "SessionClient",
+    "SessionConsumer",
+    "SessionKeys",
+    "SessionSettings",
     "Ticket",
+    "active_sessions",
     "live_workers",
     "queue_depth",
 ]

@@ -6,6 +6,8 @@ recognition options. Result header: text, language, duration, words, segments, t
 
 TTS job: empty payload; meta holds text, voice, speed, language. Result body: 16-bit mono PCM at the
 engine's native rate (named in the header); the API resamples and encodes to what the client asked for.
+A *streaming* TTS job (meta ``stream`` true) sends its audio chunk by chunk on the job's chunk stream
+instead (see ``kubespeech.jobs.protocol``); its result carries only the header (chunks, duration).
 """
 
 from __future__ import annotations
@@ -70,9 +72,17 @@ def asr_result_header(result: AsrResult) -> dict[str, Any]:
 
 
 def tts_meta(
-    *, text: str, voice: str | None = None, speed: float = 1.0, language: str | None = None
+    *,
+    text: str,
+    voice: str | None = None,
+    speed: float = 1.0,
+    language: str | None = None,
+    stream: bool = False,
 ) -> dict[str, Any]:
-    return {"task": "tts", "text": text, "voice": voice, "speed": speed, "language": language}
+    meta: dict[str, Any] = {"task": "tts", "text": text, "voice": voice, "speed": speed, "language": language}
+    if stream:
+        meta["stream"] = True
+    return meta
 
 
 def tts_request_from_job(meta: dict[str, Any]) -> TtsRequest:

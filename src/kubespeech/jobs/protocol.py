@@ -13,6 +13,16 @@ Layout (``{p}`` is the key prefix, ``{m}`` a model queue name):
 - ``{p}:dlq:{m}``  dead-letter stream: jobs that failed on every allowed delivery.
 - ``{p}:w:{m}``    sorted set of live workers (member: consumer name, score: last heartbeat in ms).
 - ``{p}:models``   hash: model queue name -> JSON description published by its workers.
+- ``{p}:c:{id}``   stream of one *streaming* job's audio (meta ``stream`` true), read by the API with XREAD
+  BLOCK as entries arrive: ``{seq, sr, pcm}`` per chunk (seq from 0, 16-bit mono PCM at rate ``sr``), then
+  one terminal entry, ``{done: 1, chunks, duration}`` or ``{error: code, message, e: error JSON}``. The TTL
+  (the job's deadline plus the result TTL) is renewed on every XADD. A worker that dies mid-stream leaves
+  its entry pending; whoever reclaims it synthesizes again *from the beginning*, appending seq 0, 1, ...
+  once more after the chunks already there: the reader skips every seq at or below the last it forwarded,
+  so its client hears each chunk once. A streaming job is still published like any other (a small result
+  without audio on ``{p}:r:{id}``, nobody reads it), so acks, reclaims and the dead-letter path are shared.
+- ``{p}:x:{id}``   "stop" marker of a streaming job whose reader went away (client disconnected): the worker
+  checks it with every chunk it appends and stops synthesizing.
 
 Every key except the queue streams carries a TTL, so a caller that gives up leaves nothing behind.
 
@@ -26,6 +36,7 @@ its caller keeps waiting for the result instead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -123,6 +134,12 @@ class Keys:
 
     def workers(self, model: str) -> str:
         return f"{self.prefix}:w:{model}"
+
+    def chunks(self, job_id: str) -> str:
+        return f"{self.prefix}:c:{job_id}"
+
+    def stop(self, job_id: str) -> str:
+        return f"{self.prefix}:x:{job_id}"
 
     @property
     def models(self) -> str:
@@ -239,6 +256,12 @@ class JobClient:
         self.keys = Keys(prefix)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._abandon = redis.register_script(_ABANDON_LUA)
+        # Every caller waiting for a result holds a pooled connection (BLPOP). Capping the waits below the
+        # pool size leaves connections for everything else (enqueues, abandons, refreshes, usage), so a
+        # burst larger than the pool queues here instead of failing at the pool.
+        pool_size = int(getattr(redis.connection_pool, "max_connections", 0) or 2**31)
+        self.max_waiting = max(1, pool_size - max(2, pool_size // 16))
+        self._waiting = asyncio.Semaphore(self.max_waiting)
 
     def _prepare(
         self, model: str, meta: dict[str, Any], payload: bytes, timeout: float, same_round_trip: bool
@@ -306,8 +329,20 @@ class JobClient:
         return "abandoned" if res == 1 else "claimed" if res == 0 else "gone"
 
     async def wait(self, job_id: str, timeout_s: float) -> Result:
-        """Block until the job's result arrives (BLPOP, no polling); DeadlineExceeded after ``timeout_s``."""
-        popped: Any = await self.redis.blpop([self.keys.reply(job_id)], timeout=max(timeout_s, 0.01))
+        """Block until the job's result arrives (BLPOP, no polling); DeadlineExceeded after ``timeout_s``.
+
+        Waiting for a free connection (see ``max_waiting``) counts against ``timeout_s``.
+        """
+        until = time.monotonic() + timeout_s
+        try:
+            await asyncio.wait_for(self._waiting.acquire(), timeout=max(timeout_s, 0.01))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s", job_id=job_id) from None
+        try:
+            left = max(until - time.monotonic(), 0.01)
+            popped: Any = await self.redis.blpop([self.keys.reply(job_id)], timeout=left)
+        finally:
+            self._waiting.release()
         if popped is None:
             raise DeadlineExceeded(f"no result within {timeout_s:.1f} s", job_id=job_id)
         return Result.decode(popped[1])
@@ -321,8 +356,24 @@ class JobClient:
         runs the script, then blocks the same connection until the worker's result arrives (or the script
         itself pushed a wake-up because the queue was full). Only when the script fails before it runs
         (e.g. NOSCRIPT after a Redis restart) is the connection, still blocked in BLPOP, dropped.
+
+        When ``max_waiting`` callers already wait for results, the job is enqueued on its own (so the queue
+        bound still answers QueueFull at once, and the demand shows in the queue depth) and its caller
+        waits for a free connection before waiting for the result: a burst beyond the connection pool
+        queues, it never fails at the pool.
         """
         timeout = timeout_s if timeout_s is not None else self.settings.default_deadline_s
+        if self._waiting.locked():
+            started = time.monotonic()
+            ticket = await self.enqueue(model, meta, payload, timeout_s=timeout)
+            result = await self.wait(ticket.job_id, timeout - (time.monotonic() - started))
+            return result.raise_for_error()
+        async with self._waiting:
+            return await self._call_one_round_trip(model, meta, payload, timeout)
+
+    async def _call_one_round_trip(
+        self, model: str, meta: dict[str, Any], payload: bytes, timeout: float
+    ) -> Result:
         job_id, keys, args = self._prepare(model, meta, payload, timeout, same_round_trip=True)
         pool = self.redis.connection_pool
         for attempt in range(3):
@@ -372,6 +423,27 @@ class JobClient:
 
     async def depth(self, model: str) -> QueueDepth:
         return await queue_depth(self.redis, self.keys, model)
+
+    async def read_chunks(
+        self, job_id: str, after: str, block_s: float, count: int = 64
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries of a streaming job's chunk stream after id ``after`` ("0-0": from the start); waits up to
+        ``block_s`` for the first one (XREAD BLOCK, no polling); [] when none came."""
+        async with self._waiting:
+            resp: Any = await self.redis.xread(
+                {self.keys.chunks(job_id): after}, count=count, block=max(int(block_s * 1000), 1)
+            )
+        if not resp:
+            return []
+        return [(_decode_str(eid), fields) for eid, fields in resp[0][1]]
+
+    async def stop_stream(self, job_id: str) -> None:
+        """Tell the worker streaming this job that nobody reads it any more."""
+        ttl_ms = int(self.settings.result_ttl_s * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.stop(job_id), "1", px=ttl_ms)
+            pipe.delete(self.keys.chunks(job_id))
+            await pipe.execute()
 
 
 class JobConsumer:
@@ -482,8 +554,21 @@ class JobConsumer:
                 self.queue, GROUP, self.consumer, 0, [j.entry_id for j in jobs], justid=True
             )
 
+    async def release(self, jobs: list[Job]) -> None:
+        """Give up these jobs unanswered: the next reclaim, by any worker, takes them over as a new delivery.
+
+        Marking them idle for a full visibility timeout (XCLAIM IDLE; JUSTID counts no delivery here) makes
+        them reclaimable at once instead of one visibility timeout after the last keep-alive.
+        """
+        if jobs:
+            idle_ms = int(self.settings.visibility_timeout_s * 1000)
+            await self.redis.xclaim(
+                self.queue, GROUP, self.consumer, 0, [j.entry_id for j in jobs], idle=idle_ms, justid=True
+            )
+
     async def publish(self, results: list[tuple[Job, Result]]) -> list[bool]:
         """Publish each result once (NX marker), then XACK+XDEL the entry; True where this call delivered."""
+        await self._end_streams(results)
         ttl_ms = int(self.settings.result_ttl_s * 1000)
         calls = [
             (
@@ -521,6 +606,46 @@ class JobConsumer:
             self._publish.sha = await self.redis.script_load(_PUBLISH_LUA)
             todo = missing
         return [bool(x) for x in out]
+
+    async def append_chunk(self, job: Job, seq: int, sample_rate: int, pcm: bytes) -> bool:
+        """Append one audio chunk to a streaming job's chunk stream; False when its reader asked to stop."""
+        key = self.keys.chunks(job.job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"seq": seq, "sr": sample_rate, "pcm": pcm})
+            pipe.pexpire(key, self._stream_ttl_ms(job))
+            pipe.exists(self.keys.stop(job.job_id))
+            _, _, stopped = await pipe.execute()
+        return not stopped
+
+    def _stream_ttl_ms(self, job: Job) -> int:
+        left = max(job.deadline - time.time(), 0.0)
+        return int((left + self.settings.result_ttl_s) * 1000)
+
+    async def _end_streams(self, results: list[tuple[Job, Result]]) -> None:
+        """The terminal entry of every streaming job among ``results`` (before its result is published, so
+        a failure in between redoes the job rather than leaving its reader without an end)."""
+        ends = [(job, result) for job, result in results if job.meta.get("stream")]
+        if not ends:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job, result in ends:
+                key = self.keys.chunks(job.job_id)
+                fields: dict[Any, Any]
+                if result.error is not None:
+                    fields = {
+                        "error": result.error.code,
+                        "message": result.error.message,
+                        "e": orjson.dumps(result.error.to_dict()),
+                    }
+                else:
+                    fields = {
+                        "done": 1,
+                        "chunks": int(result.header.get("chunks") or 0),
+                        "duration": float(result.header.get("duration") or 0.0),
+                    }
+                pipe.xadd(key, fields)
+                pipe.pexpire(key, self._stream_ttl_ms(job))
+            await pipe.execute()
 
     async def dead_letter(self, job: Job, reason: str) -> None:
         """Record the job in the dead-letter stream; its caller gets a JOB_FAILED error."""

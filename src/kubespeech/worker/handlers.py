@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import soxr
 
-from kubespeech.engines.base import AsrEngine, AsrResult, Audio, TtsEngine, TtsResult
-from kubespeech.errors import EmptyInput, EngineError, InvalidInput, KubespeechError
+from kubespeech.engines.base import AsrEngine, AsrResult, Audio, TtsEngine, TtsRequest, TtsResult
+from kubespeech.errors import ClientClosedRequest, EmptyInput, EngineError, InvalidInput, KubespeechError
 from kubespeech.jobs import Job, Result
 from kubespeech.jobs.messages import (
     ASR_SAMPLE_RATE,
@@ -19,6 +20,38 @@ from kubespeech.jobs.messages import (
     pcm16_from_float,
     tts_request_from_job,
 )
+
+_SENTENCE_END = re.compile(r"(?<=[.!?\u2026])\s+|\n+")
+_CLAUSE_END = re.compile(r"(?<=[,;:\u2013\u2014])\s+")
+_SPEAKABLE = re.compile(r"\w")
+
+
+def split_for_streaming(text: str, first_max_chars: int = 60, max_chars: int = 200) -> list[str]:
+    """Sentences; the first one longer than ``first_max_chars`` (and any longer than ``max_chars``) is cut at
+    clause punctuation, so the first audio leaves after one clause's synthesis, not a whole sentence's.
+
+    Clauses are grouped up to the limit: a lone two-word clause sounds clipped. Pieces with nothing to say
+    (bare punctuation) are dropped; an engine would answer them with noise or an error.
+    """
+    pieces: list[str] = []
+    for raw in _SENTENCE_END.split(text):
+        sentence = raw.strip()
+        if not sentence:
+            continue
+        limit = first_max_chars if not pieces else max_chars
+        if len(sentence) <= limit:
+            pieces.append(sentence)
+            continue
+        group = ""
+        for clause in _CLAUSE_END.split(sentence):
+            if group and len(group) + 1 + len(clause) > limit:
+                pieces.append(group)
+                group, limit = clause, max_chars
+            else:
+                group = f"{group} {clause}".strip()
+        if group:
+            pieces.append(group)
+    return [p for p in pieces if _SPEAKABLE.search(p)]
 
 
 @dataclass(slots=True)
@@ -121,6 +154,32 @@ class TtsHandler:
                 else:
                     outcomes[i] = Outcome(Result(error=_as_error(res)))
         return [o for o in outcomes if o is not None]
+
+    def run_stream(self, job: Job, emit: Callable[[bytes, int], bool]) -> Outcome:
+        """Synthesize one streaming job piece by piece, handing each chunk (PCM16, rate) to ``emit`` as soon as
+        the engine yields it; ``emit`` returning False (the reader left) stops the synthesis."""
+        try:
+            req = tts_request_from_job(job.meta)
+            if not req.text.strip():
+                raise EmptyInput("text is empty")
+            rate = int(self.engine.sample_rate)
+            chunks = samples = 0
+            for piece in split_for_streaming(req.text) or [req.text]:
+                sub = TtsRequest(text=piece, voice=req.voice, speed=req.speed, language=req.language)
+                for audio in self.engine.synthesize_stream(sub):
+                    if audio.size == 0:
+                        continue
+                    chunks += 1
+                    samples += int(audio.size)
+                    if not emit(pcm16_from_float(audio), rate):
+                        raise ClientClosedRequest("the stream's reader went away")
+            if chunks == 0:
+                raise EmptyInput("the text contains nothing that can be spoken")
+        except Exception as exc:
+            return Outcome(Result(error=_as_error(exc)))
+        seconds = samples / rate
+        header = {"sample_rate": rate, "duration": seconds, "chunks": chunks, "encoding": "pcm_s16le"}
+        return Outcome(Result(header=header), seconds)
 
 
 def _run_isolated(batch_fn: Any, requests: list[Any]) -> list[Any]:

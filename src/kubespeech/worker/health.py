@@ -1,7 +1,7 @@
 """A tiny asyncio HTTP server for /healthz, /readyz, /inflight and /metrics (no framework: workers stay small).
 
 ``/healthz`` answers JSON ``{"status": "ok", "in_flight": N, "draining": bool}`` (503 with status
-``unhealthy`` when the process is broken); ``/inflight`` answers ``{"in_flight": N, "draining": bool}``, the
+``unhealthy`` and a ``reason`` when the process is broken: the model failed to load, or the engine hung); ``/inflight`` answers ``{"in_flight": N, "draining": bool}``, the
 number of jobs the worker holds (claimed, not yet published), which the operator turns into the pod's
 deletion cost so Kubernetes removes idle pods first.
 """
@@ -27,7 +27,7 @@ class HealthServer:
         host: str,
         port: int,
         *,
-        is_alive: Callable[[], bool],
+        is_alive: Callable[[], tuple[bool, str]],
         is_ready: Callable[[], tuple[bool, str]],
         registry: CollectorRegistry,
         load: Callable[[], dict[str, Any]] | None = None,
@@ -72,8 +72,9 @@ class HealthServer:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"method not allowed\n"
         if path == "/healthz":
-            ok = self.is_alive()
-            body = orjson.dumps({"status": "ok" if ok else "unhealthy", **self.load()})
+            ok, why = self.is_alive()
+            status: dict[str, Any] = {"status": "ok"} if ok else {"status": "unhealthy", "reason": why}
+            body = orjson.dumps({**status, **self.load()})
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/inflight":
             return "200 OK", "application/json", orjson.dumps(self.load())

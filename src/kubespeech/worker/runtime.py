@@ -7,6 +7,14 @@ consumer group are reclaimed by another worker after the visibility timeout. A j
 before processing (or that its caller abandoned) is answered DEADLINE_EXCEEDED without reaching the
 engine; it counts as ``expired``, not as an error. The health server reports how many jobs the worker
 holds (``in_flight``), so the operator can make Kubernetes remove idle pods first when scaling down.
+
+A hung engine (a stuck CUDA call never returns) is bounded twice. While a batch runs, its jobs are kept
+claimed only until their own deadlines (their callers have given up by then; a worker that reclaims one
+later drops it unrun). A batch running longer than ``max_batch_s`` makes the worker hung: ``/healthz`` and
+``/readyz`` fail with the reason (the kubelet restarts the pod; readiness only reports, since workers pull
+their work), it stops counting as a live worker, and it gives its jobs up: a job on its last allowed
+delivery goes to the dead-letter stream (its caller gets JOB_FAILED), the others are released at once for
+another worker's reclaim, which counts a new delivery.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ from kubespeech.jobs import Job, JobConsumer, Result
 from kubespeech.redis_client import connect
 from kubespeech.worker.handlers import Outcome, TaskHandler, make_handler
 from kubespeech.worker.health import HealthServer
+from kubespeech.worker.live_stt import start_live_sessions
 from kubespeech.worker.metrics import WorkerMetrics
+from kubespeech.worker.streaming import is_streaming, run_streams
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +85,13 @@ class Worker:
         self.redis_ok = False
         self.draining = False
         self.in_flight = 0  # jobs this worker claimed and has not yet published (or left to be reclaimed)
+        self._batch_started: float | None = None  # monotonic start of the engine call now running
         self._stop = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.health = HealthServer(
             settings.health_host,
             settings.health_port,
-            is_alive=lambda: self.load_error is None,
+            is_alive=self._liveness,
             is_ready=self._readiness,
             registry=self.metrics.registry,
             load=self._load,
@@ -95,9 +106,32 @@ class Worker:
         self.draining = True
         self._stop.set()
 
+    def _hung(self) -> str | None:
+        """Why the engine counts as hung (its batch outran ``max_batch_s``), or None."""
+        started = self._batch_started
+        if started is None:
+            return None
+        running = time.monotonic() - started
+        if running <= self.settings.max_batch_s:
+            return None
+        return (
+            f"engine batch running for {running:.1f} s, longer than max_batch_s={self.settings.max_batch_s:g}"
+        )
+
+    def _liveness(self) -> tuple[bool, str]:
+        if self.load_error:
+            return False, f"model failed to load: {self.load_error}"
+        hung = self._hung()
+        if hung:
+            return False, hung
+        return True, "ok"
+
     def _readiness(self) -> tuple[bool, str]:
         if self.load_error:
             return False, f"model failed to load: {self.load_error}"
+        hung = self._hung()
+        if hung:
+            return False, hung
         if not self.model_loaded:
             return False, "loading model"
         if not self.redis_ok:
@@ -145,9 +179,13 @@ class Worker:
             self.redis_settings.key_prefix,
         )
         heartbeat = asyncio.create_task(self._heartbeat_loop())
+        live = start_live_sessions(self)  # live STT sessions, when the engine streams
         try:
             await self._loop()
         finally:
+            if live is not None:
+                # Hands its sessions off (releases the claims) before Redis closes.
+                await asyncio.wait([live], timeout=15)
             heartbeat.cancel()
             try:
                 await asyncio.wait_for(self.consumer.leave(), timeout=2)
@@ -165,7 +203,11 @@ class Worker:
         info.update(model=self.settings.model, batching={"max_batch_size": self.settings.max_batch_size})
         while True:
             try:
-                await self.consumer.heartbeat(info)
+                if self._hung():
+                    # A hung worker serves nothing: the API must not count it as capacity.
+                    await self.consumer.leave()
+                else:
+                    await self.consumer.heartbeat(info)
                 self.redis_ok = True
             except _REDIS_ERRORS as exc:
                 self.redis_ok = False
@@ -244,6 +286,10 @@ class Worker:
             else:
                 live.append(job)
                 self.metrics.queue_wait.labels(**labels).observe(max(now - job.enqueued_at, 0.0))
+        streams = [j for j in live if is_streaming(self, j)]
+        if streams:
+            live = [j for j in live if not is_streaming(self, j)]
+            await run_streams(self, streams)
         if live:
             ready.extend(await self._run_engine(live))
         if ready:
@@ -254,16 +300,18 @@ class Worker:
         labels = self.metrics.labels
         loop = asyncio.get_running_loop()
         keep_alive: list[asyncio.Task[None]] = []
-        # Only a batch that outlives a third of the visibility timeout needs its entries kept claimed; a
+        # Only a batch that outlives a third of the visibility timeout (or max_batch_s) needs watching; a
         # timer (not a task per batch) keeps the common, short batch cheap.
         timer = loop.call_later(
-            max(self.queue_settings.visibility_timeout_s / 3, 0.05),
+            max(min(self.queue_settings.visibility_timeout_s / 3, self.settings.max_batch_s), 0.05),
             lambda: keep_alive.append(asyncio.create_task(self._keep_alive(jobs))),
         )
         started = time.perf_counter()
+        self._batch_started = time.monotonic()
         try:
             outcomes: list[Outcome] = await loop.run_in_executor(self._executor, self.handler.run_batch, jobs)
         finally:
+            self._batch_started = None
             timer.cancel()
             for task in keep_alive:
                 task.cancel()
@@ -282,13 +330,49 @@ class Worker:
         return [(job, o.result) for job, o in zip(jobs, outcomes, strict=True)]
 
     async def _keep_alive(self, jobs: list[Job]) -> None:
-        """While the engine runs, keep resetting the jobs' idle time so no one reclaims them."""
-        assert self.consumer is not None
+        """Keep the jobs claimed while the engine runs, up to their deadlines; give them up at ``max_batch_s``."""
+        assert self.consumer is not None and self._batch_started is not None
         interval = max(self.queue_settings.visibility_timeout_s / 3, 0.05)
-        while True:
+        give_up_at = self._batch_started + self.settings.max_batch_s
+        while time.monotonic() < give_up_at:
+            # A job past its deadline has no caller left; keeping it claimed would only hide it. The last
+            # touch protects it for one visibility timeout; whoever reclaims it after that drops it unrun.
+            alive = [j for j in jobs if time.time() < j.deadline]
+            if alive:
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await self.consumer.extend(alive)
+            await asyncio.sleep(max(min(interval, give_up_at - time.monotonic()), 0.0))
+        await self._give_up(jobs)
+
+    async def _give_up(self, jobs: list[Job]) -> None:
+        """The engine is hung on this batch: dead-letter jobs on their last delivery, release the rest."""
+        assert self.consumer is not None
+        labels = self.metrics.labels
+        last = [j for j in jobs if j.deliveries >= self.queue_settings.max_deliveries]
+        rest = [j for j in jobs if j.deliveries < self.queue_settings.max_deliveries]
+        log.error(
+            "engine hung: giving up its batch",
+            extra={
+                "max_batch_s": self.settings.max_batch_s,
+                "dead_lettered": len(last),
+                "released": len(rest),
+            },
+        )
+        # On a Redis error the jobs simply stay unclaimed: once their idle time passes the visibility
+        # timeout, another worker reclaims them (and dead-letters those past max_deliveries).
+        for job in last:
             with contextlib.suppress(*_REDIS_ERRORS):
-                await self.consumer.extend(jobs)
-            await asyncio.sleep(interval)
+                await self.consumer.dead_letter(
+                    job,
+                    f"engine did not finish within {self.settings.max_batch_s:g} s "
+                    f"on delivery {job.deliveries} of {self.queue_settings.max_deliveries}",
+                )
+                self.metrics.dead_lettered.labels(**labels).inc()
+                self.metrics.errors.labels(**labels, code=JobFailed.code).inc()
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await self.consumer.release(rest)
+        # It holds nothing now: the operator may remove this pod first.
+        self._hold(0)
 
     async def _publish(self, results: list[tuple[Job, Result]], expired: set[str] | None = None) -> None:
         assert self.consumer is not None
