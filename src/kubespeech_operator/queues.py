@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from kubespeech.config import RedisSettings
 from kubespeech.jobs import Keys, queue_depth
+from kubespeech.jobs.sessions import SessionKeys, active_sessions
 from kubespeech.license.verdict import LicenseVerdict, read_verdict
 from kubespeech.redis_client import connect
 from kubespeech_operator.builders.common import REDIS_PORT
@@ -37,6 +38,7 @@ class StackReading:
     depths: dict[str, int]
     note: str | None = None
     in_flight: dict[str, int] = field(default_factory=dict)
+    streams: dict[str, int] = field(default_factory=dict)  # open live sessions per model
     verdict: LicenseVerdict | None = None
     reachable: bool = False
 
@@ -104,12 +106,14 @@ class QueueDepthReader:
         keys = Keys(spec.redis.key_prefix)
         try:
             async with asyncio.timeout(self.timeout_s):
-                depths, in_flight = {}, {}
+                depths, in_flight, streams = {}, {}, {}
+                session_keys = SessionKeys(spec.redis.key_prefix)
                 for model in models:
                     depth = await queue_depth(client, keys, model)
                     depths[model], in_flight[model] = depth.waiting, depth.in_flight
+                    streams[model] = await active_sessions(client, session_keys, model)
                 verdict = await read_verdict(client, spec.redis.key_prefix)
-                return StackReading(depths, None, in_flight, verdict, reachable=True)
+                return StackReading(depths, None, in_flight, streams, verdict, reachable=True)
         except Exception as exc:  # any Redis failure only means "depth unknown"
             logger.info("queue depths of %s/%s unavailable: %s", namespace, name, exc)
             await self._close(connection)

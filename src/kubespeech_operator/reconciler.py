@@ -480,6 +480,7 @@ class Reconciler:
             started = time.monotonic()
             reading = await self.queues.read(name, namespace, spec, embedded_password=redis_password)
             observed.queue_depths, observed.queue_note = reading.depths, reading.note
+            observed.active_streams = reading.streams
             observed.license_verdict, observed.redis_reachable = reading.verdict, reading.reachable
             logger.debug("queue depths of %s/%s read in %.3f s", namespace, name, time.monotonic() - started)
 

@@ -273,7 +273,11 @@ class Scaler:
         decisions: list[PoolDecision] = []
         for model, autoscaler in stack.models.items():
             load = (
-                Load(reading.depths.get(model, 0), reading.in_flight.get(model, 0), 0)
+                Load(
+                    reading.depths.get(model, 0),
+                    reading.in_flight.get(model, 0),
+                    reading.streams.get(model, 0),
+                )
                 if reading.reachable
                 else None
             )

@@ -63,6 +63,7 @@ class Observed:
     children: list[ChildResult]
     pods: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
     queue_depths: dict[str, int] = field(default_factory=dict)
+    active_streams: dict[str, int] = field(default_factory=dict)  # open live sessions per model
     queue_note: str | None = None
     license_secret_found: bool | None = None
     license_verdict: LicenseVerdict | None = None
@@ -165,7 +166,7 @@ def build_status(previous: Mapping[str, Any], observed: Observed, generation: in
             "readyReplicas": ready_replicas(workload.live),
             "desiredReplicas": workload.desired,
             "queueDepth": observed.queue_depths.get(queue_names.get(workload.label, ""), 0),
-            "activeStreams": 0,
+            "activeStreams": observed.active_streams.get(queue_names.get(workload.label, ""), 0),
         }
         scaling = observed.autoscaling.get(workload.label)
         if scaling is not None:

@@ -226,3 +226,29 @@ async def test_operator_metrics_show_decisions_and_the_hpa_queue_metric(
             await wait_for(scraped, what="operator metrics")
     finally:
         await redis.aclose()
+
+
+async def test_live_sessions_are_load_and_reach_the_status(
+    kube: Kube, operator: RunningOperator, redis_server: RedisServer
+) -> None:
+    """Open live STT sessions (as the API counts them in Redis) scale a pool with an empty job queue and show
+    as activeStreams."""
+    from kubespeech.jobs.sessions import SessionKeys
+
+    prefix = f"as{uuid.uuid4().hex[:6]}"
+    await kube.create_license_secret()
+    await kube.create_sd("streams", scaled_spec(redis_server.url, prefix, targetActiveStreams=2))
+    await replicas_become(kube, "streams-asr-cpu", 0, "the pool created at zero")
+    redis = Redis.from_url(redis_server.url)
+    try:
+        expiry_ms = (time.time() + 60) * 1000
+        await redis.zadd(SessionKeys(prefix).active("whisper-tiny"), {f"s{i}": expiry_ms for i in range(5)})
+        await replicas_become(kube, "streams-asr-cpu", 3, "5 sessions at 2 per replica → 3")
+
+        async def reported() -> Any:
+            pool = next(p for p in (await kube.sd("streams"))["status"]["pools"] if p["task"] == "asr")
+            return pool if pool.get("activeStreams") == 5 and pool.get("queueDepth") == 0 else None
+
+        await wait_for(reported, what="activeStreams 5 in the status")
+    finally:
+        await redis.aclose()
