@@ -84,9 +84,14 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
         await state.registry.refresh()
         stop = asyncio.Event()
         refresher = asyncio.create_task(_refresh_loop(state, stop), name="api-refresh")
+        from kubespeech.api.stt_live import install_drain_on_signal
+
+        # Live sessions must drain before uvicorn drops every WebSocket, which it does before this finally.
+        undo_signals = install_drain_on_signal(app)
         try:
             yield
         finally:
+            undo_signals()
             stop.set()
             _, pending = await asyncio.wait([refresher], timeout=5)
             for task in pending:
@@ -116,7 +121,7 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
         max_upload_bytes=settings.limits.max_upload_bytes,
         max_json_bytes=settings.limits.max_json_bytes,
     )
-    from kubespeech.api import legacy, openai_audio, ops, stt_live, tts_live, waves
+    from kubespeech.api import legacy, openai_audio, ops, realtime, stt_live, tts_live, waves
 
     app.include_router(ops.router)
     app.include_router(waves.router)
@@ -124,4 +129,5 @@ def create_app(settings: ApiSettings | None = None, *, redis: Redis | None = Non
     app.include_router(stt_live.router)
     app.include_router(legacy.router)
     app.include_router(openai_audio.router)
+    app.include_router(realtime.router)
     return app

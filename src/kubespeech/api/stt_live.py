@@ -13,6 +13,12 @@ Close codes: 1000 after the ``is_last`` event; 1003 for a text frame that is not
 key, a bad query parameter, audio too far ahead of real time, idle timeout or the maximum duration; 1009
 for an oversized frame; 1011 when the worker failed the session; 1013 when no worker came up within the
 cold-start wait (reconnect later). Pings are answered by the server (uvicorn's ``ws_ping_interval``).
+
+Events reach the client through a bounded queue per connection: once ``max_pending_events`` wait for a client
+that does not read, it is closed with 1008, so it holds neither memory nor its worker. On SIGTERM/SIGINT
+(``install_drain_on_signal``, from the app's lifespan) open sessions are drained before uvicorn drops the
+connections: each is flushed as if the client had sent ``close_stream``, its last final is forwarded, and it
+is closed with 1012 "server restarting; reconnect"; new sessions are refused with 1012 meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +53,8 @@ WS_UNSUPPORTED_DATA = 1003
 WS_POLICY_VIOLATION = 1008
 WS_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
+WS_SERVICE_RESTART = 1012
+RESTART_REASON = "server restarting; reconnect"
 WS_TRY_AGAIN_LATER = 1013
 ENCODINGS = ("linear16", "linear32", "mulaw", "alaw")
 _WIDTH = {"linear16": 2, "linear32": 4, "mulaw": 1, "alaw": 1}
@@ -61,6 +72,12 @@ class LiveSttSettings(BaseSettings):
         30.0, gt=0, description="Audio a client may send ahead of real time (backpressure bound)."
     )
     keepalive_s: float = Field(5.0, gt=0, description="How often the session's Redis keys are renewed.")
+    max_pending_events: int = Field(
+        256, ge=1, description="Events waiting for a client that does not read them before it is closed."
+    )
+    drain_timeout_s: float = Field(
+        10.0, gt=0, description="On shutdown, how long open sessions get to deliver their last final."
+    )
 
 
 def _g711_decode_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +252,11 @@ def _live_parts(ws: WebSocket) -> tuple[LiveSttSettings, SessionClient]:
     return app_state.stt_live, app_state.stt_sessions
 
 
+# Public names for the other live endpoints built on this connection (api.realtime).
+Close = _Close
+live_parts = _live_parts
+
+
 class LiveSttConnection:
     """One client connection bridged to one Redis session: a reader (client -> audio stream), a forwarder
     (event stream -> client) and a keeper (key TTLs, maximum duration)."""
@@ -254,14 +276,63 @@ class LiveSttConnection:
         self.stopping = False
         self.finished = False  # the is_last event went out
         self._send_lock = asyncio.Lock()
+        self.draining = False  # server shutdown: the session was flushed with a close control
+        self.close_sent = False
+        self.overflowed = False
+        # Bounded: a client that never reads must not make the server hold its events without limit.
+        self._out: asyncio.Queue[str | None] = asyncio.Queue(settings.max_pending_events)
+
+    def error_event(self, message: str) -> str:
+        """An error event in this protocol's shape (api.realtime overrides it with the OpenAI shape)."""
+        return _error_event(message, self.sid)
 
     async def send(self, text: str) -> None:
-        async with self._send_lock:
-            await self.ws.send_text(text)
+        """Queue an event for the client (the writer sends it); 1008 when the client does not read."""
+        try:
+            self._out.put_nowait(text)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            reason = f"client is not reading events ({self.settings.max_pending_events} pending)"
+            raise _Close(WS_POLICY_VIOLATION, reason) from None
+
+    async def _write(self) -> None:
+        while (text := await self._out.get()) is not None:
+            async with self._send_lock:
+                await self.ws.send_text(text)
+
+    async def _end_writes(self, writer: asyncio.Task[None], drop: bool) -> None:
+        """Deliver what is queued (bounded), unless the client is gone or does not read."""
+        if not drop and not writer.done():
+            try:
+                self._out.put_nowait(None)
+            except asyncio.QueueFull:
+                drop = True
+            else:
+                await asyncio.wait({writer}, timeout=5)
+        if not writer.done():
+            writer.cancel()
+            await asyncio.wait({writer}, timeout=1)
+
+    async def drain(self) -> None:
+        """Server shutdown: flush the session like ``close_stream``; its is_last event closes with 1012."""
+        self.draining = True
+        if not self.close_sent:
+            self.close_sent = True
+            await self._flush_resampler()
+            await self.sessions.send_control(self.sid, "close")
 
     async def run(self) -> None:
+        live = _connections(self.ws.app)
+        live.add(self)
+        try:
+            await self._run()
+        finally:
+            live.discard(self)
+
+    async def _run(self) -> None:
         reader = asyncio.create_task(self._read())
-        tasks = {reader, asyncio.create_task(self._forward()), asyncio.create_task(self._keep())}
+        writer = asyncio.create_task(self._write())
+        tasks = {reader, writer, asyncio.create_task(self._forward()), asyncio.create_task(self._keep())}
         outcome: _Close | None = None
         gone = False
         try:
@@ -280,17 +351,21 @@ class LiveSttConnection:
                         gone = True
         finally:
             self.stopping = True
-            for task in tasks:
+            rest = tasks - {writer}
+            for task in rest:
                 task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=2)
+            if rest:
+                await asyncio.wait(rest, timeout=2)
             with contextlib.suppress(Exception):
                 await self.sessions.end(self.sid, self.params.model, abort=not self.finished)
+            # The writer goes last: what the forwarder queued (a final, the is_last event) still goes out.
+            await self._end_writes(writer, drop=gone or self.overflowed)
         if outcome is not None and not gone:
             with contextlib.suppress(Exception):
-                if outcome.error:
-                    await self.send(_error_event(outcome.error, self.sid))
-                await self.ws.close(outcome.code, outcome.reason[:120])
+                if outcome.error and not self.overflowed:
+                    await self.ws.send_text(self.error_event(outcome.error))
+                # Bounded: the close frame of a client that does not read may never be written.
+                await asyncio.wait_for(self.ws.close(outcome.code, outcome.reason[:120]), timeout=5)
 
     async def _read(self) -> str:
         """Client frames into the session; returns "gone" (client left) or "closed" (sent close_stream)."""
@@ -302,6 +377,8 @@ class LiveSttConnection:
                 raise _Close(WS_POLICY_VIOLATION, text, text) from None
             if message["type"] == "websocket.disconnect":
                 return "gone"
+            if self.draining:
+                continue  # flushed for shutdown: nothing sent now would be transcribed
             frame = message.get("bytes")
             if frame is not None:
                 await self._audio(frame)
@@ -316,6 +393,7 @@ class LiveSttConnection:
                 await self._flush_resampler()
                 await self.sessions.send_control(self.sid, "finalize")
             elif kind == "close_stream":
+                self.close_sent = True
                 await self._flush_resampler()
                 await self.sessions.send_control(self.sid, "close")
                 return "closed"
@@ -334,7 +412,7 @@ class LiveSttConnection:
         try:
             pcm = self.decoder.decode(frame)
         except BadAudio as exc:
-            await self.send(_error_event(str(exc), self.sid))
+            await self.send(self.error_event(str(exc)))
             return
         now = time.monotonic()
         if self.first_audio is None:
@@ -360,6 +438,8 @@ class LiveSttConnection:
                 await self.send(event.decode())
                 if kind == "l":
                     self.finished = True
+                    if self.draining:
+                        raise _Close(WS_SERVICE_RESTART, RESTART_REASON)
                     raise _Close(WS_NORMAL, "stream closed")
                 if kind == "x":
                     raise _Close(WS_INTERNAL_ERROR, "session failed")
@@ -394,6 +474,9 @@ async def live_stt(websocket: WebSocket) -> None:
         await _refuse(websocket, exc)
         return
     settings, sessions = _live_parts(websocket)
+    if getattr(websocket.app.state, "stt_live_draining", False):
+        await _refuse(websocket, _Close(WS_SERVICE_RESTART, RESTART_REASON, "the server is restarting"))
+        return
     try:
         lease = await state.license_gate.acquire_stream("streaming")
     except LicenseLimitExceededError as exc:
@@ -414,6 +497,78 @@ async def live_stt(websocket: WebSocket) -> None:
         await LiveSttConnection(websocket, params, settings, sessions, sid).run()
     finally:
         await lease.release()
+
+
+def _connections(app: Any) -> set[LiveSttConnection]:
+    if getattr(app.state, "stt_live_connections", None) is None:
+        app.state.stt_live_connections = set()
+    conns: set[LiveSttConnection] = app.state.stt_live_connections
+    return conns
+
+
+async def drain_live_sessions(app: Any, timeout_s: float | None = None) -> int:
+    """Shutdown: refuse new sessions, flush the open ones and wait (bounded) until they closed; returns how
+    many were still open at the deadline (uvicorn then drops them with a bare 1012)."""
+    app.state.stt_live_draining = True
+    conns = _connections(app)
+    if timeout_s is None:
+        timeout_s = (getattr(app.state, "stt_live", None) or LiveSttSettings()).drain_timeout_s
+    for conn in list(conns):
+        with contextlib.suppress(Exception):
+            await conn.drain()
+    deadline = time.monotonic() + timeout_s
+    while conns and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if conns:
+        log.warning("live sessions still open after the drain timeout", extra={"count": len(conns)})
+    return len(conns)
+
+
+def install_drain_on_signal(app: Any) -> Callable[[], None]:
+    """Wrap uvicorn's SIGTERM/SIGINT handlers so open live sessions drain before it shuts connections.
+
+    uvicorn fails every WebSocket with a bare 1012 as the first step of its shutdown, before the lifespan
+    shutdown runs, so the drain has to run before uvicorn learns of the signal. Only possible in the main
+    thread (an API served from a test's thread keeps uvicorn's behaviour). Returns the undo.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    draining: list[int] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    def chain(sig: int, frame: Any) -> None:
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    async def drain_then_exit(sig: int) -> None:
+        try:
+            await drain_live_sessions(app)
+        finally:
+            chain(sig, None)
+
+    def on_signal(sig: int, frame: Any) -> None:
+        if draining:  # a second signal: stop waiting for the sessions
+            chain(sig, frame)
+            return
+        draining.append(sig)
+        # A Python signal handler may run while the loop sleeps in its selector: wake it up.
+        loop.call_soon_threadsafe(lambda: tasks.add(loop.create_task(drain_then_exit(sig))))
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+
+    def undo() -> None:
+        for sig, handler in previous.items():
+            with contextlib.suppress(Exception):
+                signal.signal(sig, handler)
+
+    return undo
 
 
 router.add_api_websocket_route("/waves/v1/stt/live", live_stt, name="waves_stt_live")
