@@ -30,7 +30,6 @@ end-of-utterance wait). A session's language or turn detection can only change b
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -183,11 +182,7 @@ class RealtimeConnection(LiveSttConnection):
 
     async def _read(self) -> str:
         while True:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=self.settings.idle_timeout_s)
-            except TimeoutError:
-                text = f"idle timeout: no data for {self.settings.idle_timeout_s:g} s"
-                raise Close(WS_POLICY_VIOLATION, text, text) from None
+            message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 return "gone"
             if message.get("bytes") is not None:

@@ -367,14 +367,18 @@ class LiveSttConnection:
                 # Bounded: the close frame of a client that does not read may never be written.
                 await asyncio.wait_for(self.ws.close(outcome.code, outcome.reason[:120]), timeout=5)
 
+    async def _receive(self) -> dict[str, Any]:
+        """The next client frame; a client silent for longer than the idle timeout is closed (1008)."""
+        try:
+            return dict(await asyncio.wait_for(self.ws.receive(), timeout=self.settings.idle_timeout_s))
+        except TimeoutError:
+            text = f"idle timeout: no data for {self.settings.idle_timeout_s:g} s"
+            raise _Close(WS_POLICY_VIOLATION, text, text) from None
+
     async def _read(self) -> str:
         """Client frames into the session; returns "gone" (client left) or "closed" (sent close_stream)."""
         while True:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=self.settings.idle_timeout_s)
-            except TimeoutError:
-                text = f"idle timeout: no data for {self.settings.idle_timeout_s:g} s"
-                raise _Close(WS_POLICY_VIOLATION, text, text) from None
+            message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 return "gone"
             if self.draining:
