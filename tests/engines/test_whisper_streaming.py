@@ -211,3 +211,81 @@ def test_overlong_speech_is_cut_into_several_finals(whisper: WhisperEngine, spok
         f"\nstream over {len(speech) / RATE:.1f} s without pauses, cut into {len(done)} finals: WER {score:.1%}"
     )
     assert score <= 0.25  # a hard cut can split a word; most text must survive
+
+
+class CountingDecodes:
+    """Counts the real engine's decodes (the engine still does the work: this only observes the calls)."""
+
+    def __init__(self, whisper: WhisperEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        decode = whisper._decode
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            return decode(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(whisper, "_decode", counted)
+
+
+def test_the_final_is_decoded_while_the_endpoint_silence_runs(
+    whisper: WhisperEngine, spoken: list[Audio], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audio = pcm16(spoken[0])
+    _, end = speech_bounds(audio)
+    quiet = np.zeros(RATE, dtype=np.float32)
+    decodes = CountingDecodes(whisper, monkeypatch)
+    stream = whisper.open_stream(language="en", partial_interval_s=None, eou_timeout_ms=600)
+    calls_at_final: list[tuple[int, int]] = []
+    out: list[StreamEvent] = []
+    for i in range(0, len(audio) + len(quiet), CHUNK):
+        chunk = np.concatenate([audio, quiet])[i : i + CHUNK]
+        before = decodes.calls
+        events = stream.accept(chunk)
+        out += events
+        if any(e.kind == "final" for e in events):
+            calls_at_final.append((before, decodes.calls))
+    [final] = [e for e in out if e.kind == "final"]
+    assert wer([SENTENCES[0]], [final.text]) <= 0.15, final.text
+    # One decode in all (partials are off): it ran during the silence, and the endpoint call reused it.
+    assert decodes.calls == 1
+    assert calls_at_final == [(1, 1)]
+    # The speculative decode surfaced as a partial with the same text, before the final.
+    assert [e.kind for e in out] == ["partial", "final"] and out[0].text == final.text
+    assert out[0].end <= final.end + 0.01 and final.end < (end / RATE) + 0.4
+
+
+def test_finalize_after_a_pause_reuses_the_speculative_decode_and_speech_after_it_does_not(
+    whisper: WhisperEngine, spoken: list[Audio], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Piper pads its clips with quiet; trimmed, the pause between them is exactly the one chosen here.
+    first, second = pcm16(spoken[1]), pcm16(spoken[2])
+    first, second = first[: speech_bounds(first)[1]], second[speech_bounds(second)[0] :]
+    pause = np.zeros(int(0.35 * RATE), dtype=np.float32)  # past the padding, short of the 600 ms endpoint
+    decodes = CountingDecodes(whisper, monkeypatch)
+    stream = whisper.open_stream(language="en", partial_interval_s=None, eou_timeout_ms=600)
+    assert finals(feed(stream, np.concatenate([first, pause]))) == []
+    assert decodes.calls == 1  # the speculative decode
+    [flushed] = stream.finalize()
+    assert decodes.calls == 1, "finalize after a pause must not decode again"
+    assert wer([SENTENCES[1]], [flushed.text]) <= 0.15, flushed.text
+
+    # Speech resumes after a pause: the speculation of the first half is dropped, the final covers both.
+    both = np.concatenate([first, pause, second])
+    stream = whisper.open_stream(language="en", partial_interval_s=None, eou_timeout_ms=600)
+    assert finals(feed(stream, both)) == []
+    calls = decodes.calls
+    [flushed] = stream.finalize()
+    assert decodes.calls == calls + 1, "speech after the speculative decode must be decoded in the final"
+    assert wer([f"{SENTENCES[1]} {SENTENCES[2]}"], [flushed.text]) <= 0.2, flushed.text
+
+
+def test_audio_arriving_in_one_late_batch_still_ends_each_phrase_at_its_pause(
+    whisper: WhisperEngine, conversation: Conversation
+) -> None:
+    # A worker that fell behind reads many frames at once: three phrases and their pauses in one call.
+    stream = whisper.open_stream(language="en", partial_interval_s=None, eou_timeout_ms=600)
+    done = [e for e in stream.accept(conversation.audio) if e.kind == "final"] + stream.close()
+    assert len(done) == 3, [e.text for e in done]
+    assert wer(conversation.texts, [e.text for e in done]) <= 0.15, [e.text for e in done]
+    for final, (start, end) in zip(done, conversation.spans, strict=True):
+        assert abs(final.start - start / RATE) < 0.4 and abs(final.end - end / RATE) < 0.4

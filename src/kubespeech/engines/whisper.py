@@ -432,6 +432,13 @@ class WhisperStream:
     at its last pause in its second half (or hard) so it never exceeds Whisper's 30 s context. Word
     timestamps (when asked) come with finals only: partials are revised anyway, and DTW alignment
     would roughly double their cost.
+
+    The final is decoded speculatively: as soon as the padding after the last speech window has arrived
+    (~190 ms of quiet), the utterance as the final would cut it is decoded once, while the end-of-utterance
+    silence is still being waited out. If no new speech comes before the silence reaches
+    ``min_silence_s`` (or before a finalize), that result is the final, so the final leaves as soon as
+    the endpoint is known instead of one full decode later. If speech resumes, the decode served as a
+    partial and nothing else is lost.
     """
 
     _MIN_SPEECH_WINDOWS = 3  # a lone loud click is not speech worth a decode
@@ -474,6 +481,8 @@ class WhisperStream:
         self._since_partial = 0
         self._last_partial = ""
         self._partial_cost = 0  # wall time of the last partial decode, in samples of real-time audio
+        # (start, end, result) of the speculative final decode, in windows of the current buffer.
+        self._speculative: tuple[int, int, AsrResult] | None = None
         self._closed = False
 
     @property
@@ -509,8 +518,18 @@ class WhisperStream:
         speech = np.flatnonzero(self._probs >= self._threshold)
         if speech.size < self._MIN_SPEECH_WINDOWS:
             return []  # nothing to flush; the buffered quiet stays as onset context for what follows
-        start = max(0, int(speech[0]) - self._PAD_WINDOWS) * _VAD_WINDOW
-        event = self._final(start, len(self._buffer))
+        start_window = max(0, int(speech[0]) - self._PAD_WINDOWS)
+        start, end = start_window * _VAD_WINDOW, len(self._buffer)
+        spec = self._speculative
+        if (
+            spec is not None
+            and spec[0] == start_window
+            and int(speech[-1]) + 1 + self._PAD_WINDOWS == spec[1]
+        ):
+            # No speech since the speculative decode: what follows it is quiet, so its result stands.
+            event = self._final(start, spec[1] * _VAD_WINDOW, spec[2])
+        else:
+            event = self._final(start, end)
         # Everything buffered is settled now, including samples the VAD has not scored yet (< 1 window).
         self._vad.discard_pending()
         self._buffer_start += len(self._buffer)
@@ -539,12 +558,32 @@ class WhisperStream:
                 self._since_partial = 0
                 return out
             first, last = int(speech[0]), int(speech[-1])
+            # A worker that fell behind gets several phrases in one call: the first pause long enough
+            # ends the first utterance even when more speech follows it in the same batch of audio.
+            pauses = np.flatnonzero(np.diff(speech) - 1 >= self._min_silence_windows)
+            if pauses.size:
+                last = int(speech[pauses[0]])
             start = max(0, first - self._PAD_WINDOWS)
-            if len(probs) - 1 - last >= self._min_silence_windows:
-                end = min(len(probs), last + 1 + self._PAD_WINDOWS)
+            padded_end = last + 1 + self._PAD_WINDOWS
+            if pauses.size or len(probs) - 1 - last >= self._min_silence_windows:
+                end = min(len(probs), padded_end)
             elif len(probs) - start >= self._max_windows:
                 end = self._cut_point(start)
             else:
+                if len(probs) >= padded_end and self._speculative_key() != (start, padded_end):
+                    # Speech paused long enough for the final's padding: decode the final now, while
+                    # the end-of-utterance silence is still being waited out (see the class docstring).
+                    started = time.perf_counter()
+                    result = self._recognize(start * _VAD_WINDOW, padded_end * _VAD_WINDOW, final=True)
+                    self._partial_cost = int((time.perf_counter() - started) * SAMPLE_RATE)
+                    self._speculative = (start, padded_end, result)
+                    self._since_partial = 0
+                    if result.text and result.text != self._last_partial:
+                        self._last_partial = result.text
+                        out.append(
+                            self._event("partial", result, start * _VAD_WINDOW, padded_end * _VAD_WINDOW)
+                        )
+                    return out
                 if self._partial_samples is not None and self._since_partial >= self._partial_due():
                     self._since_partial = 0
                     started = time.perf_counter()
@@ -554,10 +593,14 @@ class WhisperStream:
                         self._last_partial = partial.text
                         out.append(self._event("partial", partial, start * _VAD_WINDOW, len(self._buffer)))
                 return out
-            event = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW)
+            spec = self._speculative if self._speculative_key() == (start, end) else None
+            event = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW, spec[2] if spec else None)
             if event is not None:
                 out.append(event)
             self._drop(end)  # the rest of the buffer may already hold the next utterance: loop
+
+    def _speculative_key(self) -> tuple[int, int] | None:
+        return self._speculative[:2] if self._speculative is not None else None
 
     def _partial_due(self) -> int:
         """Samples of new audio before the next partial (see the class docstring)."""
@@ -572,12 +615,14 @@ class WhisperStream:
         quiet = np.flatnonzero(self._probs[half:] < self._threshold)
         return int(half + quiet[-1] + 1) if quiet.size else len(self._probs)
 
-    def _final(self, start: int, end: int) -> StreamEvent | None:
+    def _final(self, start: int, end: int, decoded: AsrResult | None = None) -> StreamEvent | None:
+        """The final of buffer[start:end] (samples); ``decoded`` is its speculative decode, when one stands."""
         self._since_partial = 0
         self._last_partial = ""
+        self._speculative = None
         if end - start < int(self._engine.min_audio_s * SAMPLE_RATE):
             return None
-        result = self._recognize(start, end, final=True)
+        result = decoded if decoded is not None else self._recognize(start, end, final=True)
         return self._event("final", result, start, end) if result.text else None
 
     def _event(
@@ -604,6 +649,7 @@ class WhisperStream:
 
     def _drop(self, windows: int) -> None:
         n = windows * _VAD_WINDOW
+        self._speculative = None  # its window indices refer to the buffer being dropped
         self._buffer = self._buffer[n:].copy()
         self._probs = self._probs[windows:].copy()
         self._buffer_start += n
