@@ -5,6 +5,7 @@ reads its events is closed with 1008 while another session goes on."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import signal
@@ -35,6 +36,7 @@ from kubespeech.license.proxy import create_proxy_app
 from kubespeech.license.settings import ProxySettings
 from kubespeech.license.token import generate_private_key, public_key_pem
 from tests.api.conftest import API_KEY, WHISPER, ApiServer, api_settings, start_api, wait_live
+from tests.api.test_realtime import at_24k
 from tests.api.test_stt_live import (  # noqa: F401  (conversation is a fixture)
     AUTH,
     RATE,
@@ -150,7 +152,7 @@ def test_client_that_never_reads_is_closed_while_another_session_goes_on(
     assert wer([text], [said]) <= 0.25, said
 
 
-def test_api_sigterm_delivers_the_last_final_and_closes_with_1012(
+def test_api_sigterm_delivers_the_last_finals_and_closes_waves_and_realtime_with_1012(
     life_redis: RedisServer,
     workers: dict[str, WorkerProcess],
     tmp_path: Path,
@@ -181,7 +183,22 @@ def test_api_sigterm_delivers_the_last_final_and_closes_with_1012(
             time.sleep(0.1)
 
         pcm, text = _first_sentences(conversation, 2)
-        with connect(f"ws://127.0.0.1:{port}/waves/v1/stt/live", additional_headers=AUTH) as ws:
+        rt_pcm, rt_text = _first_sentences(conversation, 1)
+        with (
+            connect(f"ws://127.0.0.1:{port}/waves/v1/stt/live", additional_headers=AUTH) as ws,
+            connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", additional_headers=AUTH) as rt,
+        ):
+            # An OpenAI Realtime session beside it, its turn left open (no server VAD, no commit): only the
+            # drain ends it.
+            assert orjson.loads(rt.recv(timeout=10))["type"] == "transcription_session.created"
+            rt.send(orjson.dumps({"type": "transcription_session.update", "session": {
+                "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": None}}).decode())  # fmt: skip
+            assert orjson.loads(rt.recv(timeout=10))["type"] == "transcription_session.updated"
+            rt_audio = at_24k(rt_pcm)
+            for i in range(0, len(rt_audio), 4800):
+                chunk = base64.b64encode(rt_audio[i : i + 4800]).decode()
+                rt.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": chunk}).decode())
             for i in range(0, len(pcm), 4096):
                 ws.send(pcm[i : i + 4096])
             first = orjson.loads(ws.recv(timeout=30))  # the worker runs the session now
@@ -189,6 +206,12 @@ def test_api_sigterm_delivers_the_last_final_and_closes_with_1012(
             started = time.monotonic()
             messages, code, reason = drain(ws, timeout=30)
             took = time.monotonic() - started
+            rt_messages, rt_code, rt_reason = drain(rt, timeout=30)
+        assert rt_code == 1012 and "reconnect" in rt_reason, (rt_code, rt_reason, rt_messages[-3:])
+        completed = [
+            m for m in rt_messages if m["type"] == "conversation.item.input_audio_transcription.completed"
+        ]
+        assert len(completed) == 1 and wer([rt_text], [completed[0]["transcript"]]) <= 0.25, rt_messages
         assert code == 1012 and "reconnect" in reason, (code, reason, messages[-3:])
         assert took < 15, took
         events = [first, *messages]
