@@ -137,3 +137,25 @@ operator watches a list of them (kopf then watches namespaces to follow which of
   verbs: ["list", "watch"]
 {{- end }}
 {{- end }}
+
+{{/*
+kubespeech.stackName: the name of the SpeechDeployment the chart creates: speechDeployment.name, else the
+full name cut to the CRD's 30 characters (children are named "<name>-<component>").
+*/}}
+{{- define "kubespeech.stackName" -}}
+{{- default (include "kubespeech.fullname" . | trunc 30 | trimSuffix "-") .Values.speechDeployment.name }}
+{{- end }}
+
+{{/*
+kubespeech.stackLabels: labels of the objects that belong to the chart's SpeechDeployment (its Secrets and
+itself); not the operator's selector labels, so the operator Deployment never selects them.
+*/}}
+{{- define "kubespeech.stackLabels" -}}
+helm.sh/chart: {{ include "kubespeech.chart" . }}
+app.kubernetes.io/name: {{ include "kubespeech.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: speech-stack
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubespeech
+{{- end }}

@@ -1,0 +1,1 @@
+"""Tests of the fresh-machine tooling: the torch installer and the Makefile."""
