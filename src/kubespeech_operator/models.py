@@ -948,6 +948,38 @@ class ImagesSpec(KubeModel):
         return value
 
 
+class TaskCacheSpec(KubeModel):
+    """Result caching of one task in Redis: repeated requests answered without reaching a worker."""
+
+    enabled: bool = True
+    """Answer a request identical to an earlier one (same model revision and parameters) from Redis."""
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024, le=1 << 40)
+    """Bytes the cached values may take in Redis (at least 1 MiB); the least recently used are evicted first."""
+    ttl_seconds: int = Field(7 * 86400, ge=1, le=365 * 86400)
+    """How long an entry lives after it is stored."""
+
+
+class AsrCacheSpec(TaskCacheSpec):
+    """STT result caching: off by default (audio and transcripts may be sensitive); entries are encrypted
+    with the key in encryptionKeySecretRef, or, without one, kept only in the embedded Redis."""
+
+    enabled: bool = False
+    """Answer a transcription of audio identical to an earlier one (same model revision and parameters) from Redis."""
+    ttl_seconds: int = Field(86400, ge=1, le=365 * 86400)
+    """How long an entry lives after it is stored."""
+    encryption_key_secret_ref: SecretRef | None = None
+    """Secret key holding 32 random bytes (e.g. `openssl rand -base64 32`) that encrypt every entry (AES-256-GCM); required with an external Redis."""
+
+
+class CacheSpec(KubeModel):
+    """Result caching in Redis, per task. TTS is on by default; STT is opt-in."""
+
+    tts: TaskCacheSpec = Field(default_factory=TaskCacheSpec)
+    """TTS: the encoded audio of repeated texts (prompts, greetings, confirmations)."""
+    asr: AsrCacheSpec = Field(default_factory=AsrCacheSpec)
+    """STT: transcripts of repeated audio (retried uploads)."""
+
+
 class SecurityContextSpec(KubeModel):
     """Overrides of the pods' security context (non-root, no capabilities and RuntimeDefault seccomp always)."""
 
@@ -971,7 +1003,14 @@ class SpeechDeploymentSpec(KubeModel):
                     "(has(self.asr) && has(self.asr.pools) ? self.asr.pools.size() : 0)"
                     " + (has(self.tts) && has(self.tts.pools) ? self.tts.pools.size() : 0) > 0",
                     "define at least one pool in asr.pools or tts.pools",
-                )
+                ),
+                cel(
+                    "!has(self.cache) || !has(self.cache.asr) || !has(self.cache.asr.enabled)"
+                    " || !self.cache.asr.enabled || has(self.cache.asr.encryptionKeySecretRef)"
+                    " || !has(self.redis) || !has(self.redis.mode) || self.redis.mode != 'external'",
+                    "an STT cache on an external Redis needs cache.asr.encryptionKeySecretRef",
+                    ".cache.asr.encryptionKeySecretRef",
+                ),
             ]
         }
     )
@@ -1000,6 +1039,8 @@ class SpeechDeploymentSpec(KubeModel):
     """Image registry, tag and pull settings."""
     security_context: SecurityContextSpec = Field(default_factory=SecurityContextSpec)
     """Pod security settings."""
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    """Result caching of repeated requests in Redis."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of every component."""
 
@@ -1007,6 +1048,16 @@ class SpeechDeploymentSpec(KubeModel):
     def _some_pool(self) -> SpeechDeploymentSpec:
         if not self.asr.pools and not self.tts.pools:
             raise ValueError("define at least one pool in asr.pools or tts.pools")
+        return self
+
+    @model_validator(mode="after")
+    def _stt_cache_protected(self) -> SpeechDeploymentSpec:
+        asr = self.cache.asr
+        if asr.enabled and asr.encryption_key_secret_ref is None and self.redis.mode == "external":
+            raise ValueError(
+                "cache.asr.encryptionKeySecretRef: an STT cache on an external Redis needs an encryption key "
+                "(transcripts are stored unencrypted only in the stack's own embedded Redis)"
+            )
         return self
 
     def pools(self) -> Iterator[tuple[str, PoolSpec]]:

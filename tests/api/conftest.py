@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from kubespeech.api.app import create_app
-from kubespeech.api.settings import ApiAliases, ApiLimits, ApiSettings
+from kubespeech.api.settings import ApiAliases, ApiLimits, ApiSettings, CacheSettings
 from kubespeech.config import QueueSettings, RedisSettings
 from tests.conftest import RedisServer, free_port, start_redis
 from tests.stack import WorkerProcess
@@ -73,6 +73,7 @@ def api_settings(
     limits: dict[str, Any] | None = None,
     aliases: dict[str, Any] | None = None,
     queue: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> ApiSettings:
     models_file = tmp / f"models-{time.monotonic_ns()}.json"
     models_file.write_text(json.dumps(models))
@@ -84,6 +85,9 @@ def api_settings(
         models_file=models_file,
         limits=ApiLimits(**{"cold_start_wait_s": 0.5, "request_timeout_s": 20.0, **(limits or {})}),
         aliases=ApiAliases(**(aliases or {})),
+        # Result caching off unless a test asks for it: a cached answer would keep repeated requests from
+        # the workers these tests exercise (tests/api/test_cache.py turns it on).
+        cache=CacheSettings.model_validate({"tts": {"enabled": False}} if cache is None else cache),
         refresh_interval_s=0.2,
         redis=RedisSettings(url=redis_url),
         queue=QueueSettings(**(queue or {})),

@@ -446,6 +446,21 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _set("spec.licenseProxy", {"upstreamUrl": "http://lic"}),
         "spec.licenseProxy.upstreamUrl",
     ),
+    (
+        "stt cache on external redis without a key",
+        lambda d: (
+            _set("spec.redis", {"mode": "external", "external": {"url": "redis://r:6379/0"}})(d),
+            _set("spec.cache", {"asr": {"enabled": True}})(d),
+        ),
+        "spec.cache.asr.encryptionKeySecretRef",
+    ),
+    (
+        "cache max bytes below 1 MiB",
+        _set("spec.cache", {"tts": {"maxBytes": 1000}}),
+        "spec.cache.tts.maxBytes",
+    ),
+    ("cache ttl of zero", _set("spec.cache", {"asr": {"ttlSeconds": 0}}), "spec.cache.asr.ttlSeconds"),
+    ("cache unknown task", _set("spec.cache", {"stt": {"enabled": True}}), "spec.cache.stt"),
     ("name too long", _set("metadata.name", "s" * 31), "metadata.name"),
     ("name not a dns label", _set("metadata.name", "Speech.1"), "metadata.name"),
 ]

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from kubespeech import __version__
 from kubespeech.api import metrics
 from kubespeech.api.auth import KeyStore
+from kubespeech.api.cache import ResultCache
 from kubespeech.api.deps import AppState
 from kubespeech.api.errors import install_error_handlers
 from kubespeech.api.middleware import ApiMiddleware
@@ -49,6 +50,11 @@ async def _refresh_loop(state: AppState, stop: asyncio.Event) -> None:
         except Exception as exc:
             log.warning("model registry refresh failed", extra={"error": str(exc)})
         state.keys.reload()
+        if state.service.cache is not None:
+            try:
+                await state.service.cache.refresh()
+            except Exception as exc:  # Redis down: the registry refresh above already reports it
+                log.debug("cache size refresh failed", extra={"error": type(exc).__name__})
         for name, count in state.registry.live.items():
             metrics.LIVE_WORKERS.labels(name).set(count)
         with contextlib.suppress(TimeoutError):
@@ -66,7 +72,8 @@ def build_state(settings: ApiSettings, redis: Redis | None = None) -> AppState:
         allow_anonymous=settings.allow_anonymous,
     )
     gate, usage = _license_parts(settings, redis)
-    service = SpeechService(settings, jobs, registry, gate, usage)
+    cache = ResultCache(redis, prefix, settings.cache)
+    service = SpeechService(settings, jobs, registry, gate, usage, cache)
     return AppState(settings, redis, jobs, registry, keys, service, gate, usage)
 
 

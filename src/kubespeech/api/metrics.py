@@ -44,3 +44,22 @@ IN_FLIGHT = Gauge("kubespeech_api_requests_in_flight", "HTTP requests being serv
 LIVE_WORKERS = Gauge(
     "kubespeech_api_live_workers", "Live workers per model as last seen by this API.", ["model"]
 )
+CACHE_LOOKUPS = Counter(
+    "kubespeech_api_cache_lookups_total",
+    "Result cache lookups by task and result (hit, miss, or bypass for Cache-Control: no-cache/no-store).",
+    ["task", "result"],
+)
+CACHE_HIT_RATIO = Gauge(
+    "kubespeech_api_cache_hit_ratio", "Hits / (hits + misses) of this API process since it started.", ["task"]
+)
+CACHE_BYTES = Gauge(
+    "kubespeech_api_cache_bytes",
+    "Bytes of cached values in Redis, all API replicas together (an upper bound until expired entries are reaped).",
+    ["task"],
+)
+CACHE_EVICTIONS = Counter(
+    "kubespeech_api_cache_evictions_total",
+    "Cache entries this API process evicted to stay within max_bytes.",
+    ["task"],
+)
+CACHE_STORES = Counter("kubespeech_api_cache_stores_total", "Results stored in the cache.", ["task"])

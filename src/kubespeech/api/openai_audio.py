@@ -15,7 +15,7 @@ from kubespeech.api.deps import Service, State, require_key
 from kubespeech.api.errors import OpenAIError, error_responses
 from kubespeech.api.service import SynthesizeRequest, TranscribeRequest, Transcript
 from kubespeech.api.tts_live import SSE_HEADERS, b64, encoded_chunks, sse_event
-from kubespeech.api.waves import audio_response_doc, json_response
+from kubespeech.api.waves import audio_response_doc, cache_headers, json_response
 from kubespeech.audio.encode import CONTENT_TYPES
 from kubespeech.errors import InvalidInput, KubespeechError, UnknownModel
 
@@ -210,19 +210,25 @@ async def create_transcription(
             prompt=prompt,
             temperature=temperature,
             surface="openai",
+            cache_control=request.headers.get("cache-control"),
         )
     )
+    headers = cache_headers(transcript.cache)
     if response_format == "json":
         return json_response(
-            {"text": transcript.text, "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}}
+            {
+                "text": transcript.text,
+                "usage": {"type": "duration", "seconds": round(transcript.duration, 3)},
+            },
+            headers=headers,
         )
     if response_format == "verbose_json":
-        return json_response(verbose_body(transcript, temperature, granularities))
+        return json_response(verbose_body(transcript, temperature, granularities), headers=headers)
     if response_format == "text":
-        return Response(transcript.text + "\n", media_type="text/plain; charset=utf-8")
+        return Response(transcript.text + "\n", media_type="text/plain; charset=utf-8", headers=headers)
     if response_format == "srt":
-        return Response(subtitles(transcript, "srt"), media_type="text/plain; charset=utf-8")
-    return Response(subtitles(transcript, "vtt"), media_type="text/vtt; charset=utf-8")
+        return Response(subtitles(transcript, "srt"), media_type="text/plain; charset=utf-8", headers=headers)
+    return Response(subtitles(transcript, "vtt"), media_type="text/vtt; charset=utf-8", headers=headers)
 
 
 @router.post(
@@ -236,7 +242,7 @@ async def create_transcription(
         **ERRORS_TTS,
     },
 )
-async def create_speech(service: Service, body: SpeechBody) -> Response:
+async def create_speech(request: Request, service: Service, body: SpeechBody) -> Response:
     voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
     sse = body.stream_format == "sse"
     fmt = "pcm" if sse and "response_format" not in body.model_fields_set else body.response_format
@@ -247,7 +253,7 @@ async def create_speech(service: Service, body: SpeechBody) -> Response:
             raise InvalidInput(
                 f"stream_format 'sse' streams pcm or wav, not '{fmt}'", param="response_format"
             )
-        return await _stream_speech(service, body, voice, fmt, sse)
+        return await _stream_speech(service, body, voice, fmt, sse, request.headers.get("cache-control"))
     speech = await service.synthesize(
         SynthesizeRequest(
             text=body.input,
@@ -258,14 +264,16 @@ async def create_speech(service: Service, body: SpeechBody) -> Response:
             # OpenAI's pcm is 24 kHz; the other formats carry their rate, so keep the model's own.
             sample_rate=24000 if body.response_format == "pcm" else None,
             surface="openai",
+            cache_control=request.headers.get("cache-control"),
         )
     )
-    return Response(
-        speech.audio, media_type=speech.content_type, headers={"X-Sample-Rate": str(speech.sample_rate)}
-    )
+    headers = {"X-Sample-Rate": str(speech.sample_rate), **cache_headers(speech.cache)}
+    return Response(speech.audio, media_type=speech.content_type, headers=headers)
 
 
-async def _stream_speech(service: Any, body: SpeechBody, voice: str, fmt: str, sse: bool) -> Response:
+async def _stream_speech(
+    service: Any, body: SpeechBody, voice: str, fmt: str, sse: bool, cache_control: str | None
+) -> Response:
     stream = await service.open_stream(
         SynthesizeRequest(
             text=body.input,
@@ -275,9 +283,10 @@ async def _stream_speech(service: Any, body: SpeechBody, voice: str, fmt: str, s
             output_format=fmt,
             sample_rate=24000 if fmt == "pcm" else None,  # OpenAI's pcm is 24 kHz
             surface="openai",
+            cache_control=cache_control,
         )
     )
-    headers = {"X-Sample-Rate": str(stream.sample_rate)}
+    headers = {"X-Sample-Rate": str(stream.sample_rate), **cache_headers(stream.cache)}
     if not sse:
         # Mid-stream failures cannot change a status already sent: the body just ends early.
         return StreamingResponse(

@@ -45,6 +45,9 @@ class ModelInfo:
     default: bool = False
     # How long a request is held while this model's pool scales from zero (None: the API's own setting).
     cold_start_wait_s: float | None = None
+    # The model revision its workers publish (a fingerprint of model files, options and release); the
+    # result cache is keyed by it, and not used while it is unknown.
+    revision: str | None = None
     configured: bool = False  # named in the operator's models file (its task is enabled)
     published: bool = False  # described by a worker in Redis
 
@@ -195,6 +198,8 @@ class ModelRegistry:
                 continue  # the operator's file wins over a mislabelled worker
             m.published = True
             m.engine = desc.get("engine")
+            revision = desc.get("revision")
+            m.revision = str(revision) if isinstance(revision, str) and revision else None
             rate = desc.get("sample_rate")
             m.sample_rate = int(rate) if isinstance(rate, int | float) and rate > 0 else None
             worker_voices = _voices(desc.get("voices"))

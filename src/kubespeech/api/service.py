@@ -19,6 +19,7 @@ import soxr
 from redis.exceptions import RedisError
 
 from kubespeech.api import metrics
+from kubespeech.api.cache import CacheEntry, ResultCache, TaskCache, cache_control, normalize_text
 from kubespeech.api.middleware import client_gone_var
 from kubespeech.api.registry import ModelInfo, ModelRegistry
 from kubespeech.api.settings import ApiSettings
@@ -99,6 +100,7 @@ class TranscribeRequest:
     raw_encoding: str = "linear16"
     raw_channels: int = 1
     surface: str = "waves"
+    cache_control: str | None = None  # the request's Cache-Control header (no-cache, no-store)
 
 
 @dataclass(slots=True)
@@ -114,6 +116,7 @@ class Transcript:
     source_channels: int
     file_size: int
     processing_ms: float
+    cache: str | None = None  # "hit" or "miss"; None when the STT cache is off
 
 
 @dataclass(slots=True)
@@ -126,6 +129,7 @@ class SynthesizeRequest:
     sample_rate: int | None = None  # None: the model's native rate
     output_format: str = "wav"
     surface: str = "waves"
+    cache_control: str | None = None  # the request's Cache-Control header (no-cache, no-store)
 
 
 @dataclass(slots=True)
@@ -138,6 +142,7 @@ class Speech:
     duration: float
     output_format: str
     extra: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None  # "hit" or "miss"; None when the TTS cache is off
 
 
 class SpeechService:
@@ -148,8 +153,10 @@ class SpeechService:
         registry: ModelRegistry,
         license_gate: Any,
         usage: Any,
+        cache: ResultCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
         self.jobs = jobs
         self.registry = registry
         self.license = license_gate
@@ -161,10 +168,21 @@ class SpeechService:
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    def _record(self, feature: str, model: str, audio_seconds: float, characters: int, status: int) -> None:
-        """Meter a finished request without making the client wait for the Redis write."""
+    def _record(
+        self,
+        feature: str,
+        model: str,
+        audio_seconds: float,
+        characters: int,
+        status: int,
+        *,
+        cached: bool = False,
+    ) -> None:
+        """Meter a finished request without making the client wait for the Redis write; a cache hit is
+        usage like any other, flagged as cached."""
         if self.usage is None:
             return
+        flag: dict[str, Any] = {"cached": True} if cached else {}
         if hasattr(self.usage, "enqueue"):
             # Buffered recorder: no I/O here; it writes a batch per flush interval.
             self.usage.enqueue(
@@ -173,6 +191,7 @@ class SpeechService:
                 audio_seconds=audio_seconds,
                 characters=characters,
                 status_code=status,
+                **flag,
             )
             return
         task = asyncio.create_task(
@@ -182,6 +201,7 @@ class SpeechService:
                 audio_seconds=audio_seconds,
                 characters=characters,
                 status_code=status,
+                **flag,
             )
         )
         self._background.add(task)
@@ -284,6 +304,22 @@ class SpeechService:
         if self.license is not None:
             await self.license.check(feature)
 
+    # -- result cache ---------------------------------------------------------------------------------
+
+    def _cache_for(self, task: str, model: ModelInfo) -> TaskCache | None:
+        """The task's cache, when it is on and the model's revision is known (no revision, no safe key)."""
+        if self.cache is None or model.revision is None:
+            return None
+        cache = self.cache.tts if task == "tts" else self.cache.asr
+        return cache if cache.enabled else None
+
+    @staticmethod
+    def _lookup_allowed(cache: TaskCache, header: str | None) -> tuple[bool, bool]:
+        read, write = cache_control(header)
+        if not read:
+            cache.count("bypass")
+        return read, write
+
     # -- speech to text -------------------------------------------------------------------------------
 
     def _decode(self, req: TranscribeRequest) -> DecodedAudio:
@@ -303,6 +339,7 @@ class SpeechService:
         model_name = req.model or ""
         status = 500
         seconds = 0.0
+        cached = False
         try:
             model = self.registry.resolve(req.model, "asr")
             model_name = model.name
@@ -324,8 +361,23 @@ class SpeechService:
                 prompt=req.prompt or None,
                 temperature=req.temperature,
             )
-            result = await self._call(model, meta, decoded.pcm16)
-            head = result.header
+            head: dict[str, Any] | None = None
+            cache = self._cache_for("asr", model)
+            cache_state: str | None = None
+            if cache is not None:
+                read, write = self._lookup_allowed(cache, req.cache_control)
+                params = {"model": model.name, "rev": model.revision, "meta": meta}
+                digest = cache.digest(params, decoded.pcm16)
+                entry = await cache.get(digest) if read else None
+                cached = entry is not None and "text" in entry.header
+                head = entry.header if cached and entry is not None else None
+                cache_state = "hit" if cached else "miss"
+            if head is None:
+                result = await self._call(model, meta, decoded.pcm16)
+                head = result.header
+                if cache is not None and write and head.get("rev") == model.revision:
+                    keep = ("text", "language", "duration", "words", "segments")
+                    await cache.put(digest, {k: head[k] for k in keep if k in head}, b"")
             status = 200
             return Transcript(
                 model=model.name,
@@ -339,6 +391,7 @@ class SpeechService:
                 source_channels=decoded.source_channels,
                 file_size=len(req.audio),
                 processing_ms=(time.perf_counter() - started) * 1000,
+                cache=cache_state,
             )
         except KubespeechError as exc:
             status = exc.http_status
@@ -346,7 +399,7 @@ class SpeechService:
                 metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
             raise
         finally:
-            self._record("asr", model_name, seconds, 0, status)
+            self._record("asr", model_name, seconds, 0, status, cached=cached)
 
     # -- text to speech -------------------------------------------------------------------------------
 
@@ -367,10 +420,32 @@ class SpeechService:
         language = normalize_language(req.language)
         await self._check_license("tts")
         metrics.CHARACTERS_IN.labels(req.surface, model.name).inc(chars)
-        meta = tts_meta(text=req.text, voice=voice, speed=req.speed, language=language, stream=stream)
+        text = req.text
+        if self._cache_for("tts", model) is not None:
+            # The engine speaks exactly the text the cache key names, so an entry is what this text sounds like.
+            text = normalize_text(text)
+        meta = tts_meta(text=text, voice=voice, speed=req.speed, language=language, stream=stream)
         return voice, meta
 
-    async def open_stream(self, req: SynthesizeRequest) -> SpeechStream:
+    def _tts_cache(
+        self, model: ModelInfo, req: SynthesizeRequest, meta: dict[str, Any], stream: bool
+    ) -> tuple[TaskCache, str, bool, bool] | None:
+        """(cache, digest, read, write) for a synthesis; None when the TTS cache does not apply.
+
+        The job's meta is the engine's whole input (normalized text, voice, speed, language); a whole-file
+        answer adds its rate and format, a stream only its rate (its chunks are PCM, encoded per chunk).
+        """
+        cache = self._cache_for("tts", model)
+        if cache is None:
+            return None
+        read, write = self._lookup_allowed(cache, req.cache_control)
+        params: dict[str, Any] = {"model": model.name, "rev": model.revision, "meta": meta}
+        params["sample_rate"] = req.sample_rate
+        if not stream:
+            params["format"] = req.output_format
+        return cache, cache.digest(params), read, write
+
+    async def open_stream(self, req: SynthesizeRequest) -> SpeechStream | CachedSpeechStream:
         """Start a streaming synthesis and wait for its first chunk.
 
         Waiting for the first chunk before answering keeps every failure that happens before any audio
@@ -382,6 +457,16 @@ class SpeechService:
             model = self.registry.resolve(req.model, "tts")
             model_name = model.name
             voice, meta = await self._tts_job(model, req, stream=True)
+            lookup = self._tts_cache(model, req, meta, stream=True)
+            store: tuple[TaskCache, str, str | None] | None = None
+            if lookup is not None:
+                cache, digest, read, write = lookup
+                entry = await cache.get(digest) if read else None
+                replay = CachedSpeechStream.of(self, model.name, voice, req, entry) if entry else None
+                if replay is not None:
+                    return replay
+                if write:
+                    store = (cache, digest, model.revision)
             timeout = self.settings.limits.request_timeout_s
             try:
                 ticket = await self.jobs.enqueue(model.name, meta, b"", timeout_s=timeout)
@@ -393,7 +478,7 @@ class SpeechService:
             except BaseException:
                 self._stop_stream(reader)
                 raise
-            return SpeechStream(self, model.name, voice, req, reader, first)
+            return SpeechStream(self, model.name, voice, req, reader, first, store=store)
         except KubespeechError as exc:
             if isinstance(exc, DeadlineExceeded | NoWorkers) or exc.http_status >= 500:
                 metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
@@ -469,10 +554,22 @@ class SpeechService:
         status = 500
         chars = len(req.text)
         out_seconds = 0.0
+        cached = False
         try:
             model = self.registry.resolve(req.model, "tts")
             model_name = model.name
             voice, meta = await self._tts_job(model, req, stream=False)
+            lookup = self._tts_cache(model, req, meta, stream=False)
+            if lookup is not None:
+                cache, digest, read, write = lookup
+                entry = await cache.get(digest) if read else None
+                speech = _speech_from_entry(model.name, voice, req, entry) if entry else None
+                if speech is not None:
+                    cached = True
+                    out_seconds = speech.duration
+                    metrics.AUDIO_SECONDS_OUT.labels(req.surface, model.name).inc(out_seconds)
+                    status = 200
+                    return speech
             result = await self._call(model, meta, b"")
             src_rate = int(result.header.get("sample_rate") or model.sample_rate or 22050)
             dst_rate = req.sample_rate or src_rate
@@ -485,6 +582,9 @@ class SpeechService:
                 )
             out_seconds = len(pcm) / 2 / src_rate
             metrics.AUDIO_SECONDS_OUT.labels(req.surface, model.name).inc(out_seconds)
+            if lookup is not None and write and result.header.get("rev") == model.revision:
+                head = {"content_type": content_type, "sample_rate": dst_rate, "duration": out_seconds}
+                await cache.put(digest, head, audio)
             status = 200
             return Speech(
                 model=model.name,
@@ -494,6 +594,7 @@ class SpeechService:
                 sample_rate=dst_rate,
                 duration=out_seconds,
                 output_format=req.output_format,
+                cache=None if lookup is None else "miss",
             )
         except KubespeechError as exc:
             status = exc.http_status
@@ -501,7 +602,26 @@ class SpeechService:
                 metrics.JOB_ERRORS.labels(model_name or "-", exc.code).inc()
             raise
         finally:
-            self._record("tts", model_name, out_seconds, chars, status)
+            self._record("tts", model_name, out_seconds, chars, status, cached=cached)
+
+
+def _speech_from_entry(
+    model: str, voice: str | None, req: SynthesizeRequest, entry: CacheEntry
+) -> Speech | None:
+    """A cached whole-file answer, or None when the entry is not one (read as a miss)."""
+    try:
+        return Speech(
+            model=model,
+            voice=voice,
+            audio=entry.body,
+            content_type=str(entry.header["content_type"]),
+            sample_rate=int(entry.header["sample_rate"]),
+            duration=float(entry.header["duration"]),
+            output_format=req.output_format,
+            cache="hit",
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class _ChunkReader:
@@ -515,6 +635,8 @@ class _ChunkReader:
         self.last_id = "0-0"
         self.last_seq = -1
         self.finished = False
+        self.revision: str | None = None  # the model revision the terminal entry names
+        self.restarted = False  # another worker redid the job: its chunks may come from two workers
         self._pending: deque[tuple[str, dict[bytes, bytes]]] = deque()
 
     async def next(self) -> tuple[bytes, int] | None:
@@ -527,9 +649,12 @@ class _ChunkReader:
                     raise KubespeechError.from_dict(orjson.loads(fields[b"e"]))
                 if b"done" in fields:
                     self.finished = True
+                    rev = fields.get(b"rev")
+                    self.revision = rev.decode() if rev else None
                     return None
                 seq = int(fields[b"seq"])
                 if seq <= self.last_seq:
+                    self.restarted = True
                     continue
                 self.last_seq = seq
                 return fields[b"pcm"], int(fields[b"sr"])
@@ -557,6 +682,8 @@ class SpeechStream:
         req: SynthesizeRequest,
         reader: _ChunkReader,
         first: tuple[bytes, int],
+        *,
+        store: tuple[TaskCache, str, str | None] | None = None,
     ) -> None:
         self.service = service
         self.model = model
@@ -569,6 +696,11 @@ class SpeechStream:
         self.job_id = reader.ticket.job_id
         self.samples_out = 0
         self.chunks_out = 0
+        self.cache: str | None = None if store is None else "miss"
+        # (cache, digest, revision) to store the stream's audio under once it ends well.
+        self._store = store
+        self._kept: list[bytes] | None = [] if store is not None else None
+        self._kept_bytes = 0
         # One resampler for the whole stream: resampling chunks one by one would click at every seam.
         self._resampler = (
             soxr.ResampleStream(self.source_rate, self.sample_rate, 1, dtype="int16", quality="HQ")
@@ -589,6 +721,25 @@ class SpeechStream:
         ints = np.frombuffer(pcm[: len(pcm) - len(pcm) % 2], dtype="<i2")
         return bytes(self._resampler.resample_chunk(ints, last=last).astype("<i2").tobytes())
 
+    def _keep(self, out: bytes) -> None:
+        if self._kept is None or self._store is None:
+            return
+        self._kept_bytes += len(out)
+        if self._kept_bytes > self._store[0].settings.max_bytes:
+            self._kept = None  # it could never fit; stop holding it
+            return
+        self._kept.append(out)
+
+    async def _store_kept(self) -> None:
+        if self._store is None or self._kept is None or not self._kept:
+            return
+        cache, digest, revision = self._store
+        # Only audio one worker produced with the revision the key names (a restarted job may mix two).
+        if self.reader.restarted or self.reader.revision != revision:
+            return
+        head = {"sample_rate": self.sample_rate, "chunks": [len(c) for c in self._kept]}
+        await cache.put(digest, head, b"".join(self._kept))
+
     async def pcm(self) -> AsyncIterator[bytes]:
         status = 500
         try:
@@ -598,6 +749,7 @@ class SpeechStream:
                 if out:
                     self.samples_out += len(out) // 2
                     self.chunks_out += 1
+                    self._keep(out)
                     yield out
                 item = await self.reader.next()
             if self._resampler is not None:
@@ -605,7 +757,9 @@ class SpeechStream:
                 if tail:
                     self.samples_out += len(tail) // 2
                     self.chunks_out += 1
+                    self._keep(tail)
                     yield tail
+            await self._store_kept()
             status = 200
         except KubespeechError as exc:
             status = exc.http_status
@@ -617,3 +771,62 @@ class SpeechStream:
             self.service._stop_stream(self.reader)
             metrics.AUDIO_SECONDS_OUT.labels(self.req.surface, self.model).inc(self.duration)
             self.service._record("tts", self.model, self.duration, len(self.req.text), status)
+
+
+class CachedSpeechStream:
+    """A stream answered from the cache: the stored PCM replayed in the chunks it was first sent in."""
+
+    cache = "hit"
+    job_id = None
+
+    def __init__(
+        self,
+        service: SpeechService,
+        model: str,
+        voice: str | None,
+        req: SynthesizeRequest,
+        sample_rate: int,
+        chunks: list[bytes],
+    ) -> None:
+        self.service = service
+        self.model = model
+        self.voice = voice
+        self.req = req
+        self.sample_rate = self.source_rate = sample_rate
+        self._chunks = chunks
+        self.samples_out = 0
+        self.chunks_out = 0
+
+    @classmethod
+    def of(
+        cls, service: SpeechService, model: str, voice: str | None, req: SynthesizeRequest, entry: CacheEntry
+    ) -> CachedSpeechStream | None:
+        """The replay of ``entry``, or None when it is not a stream's entry (read as a miss)."""
+        try:
+            rate = int(entry.header["sample_rate"])
+            lengths = [int(n) for n in entry.header["chunks"]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if rate <= 0 or sum(lengths) != len(entry.body):
+            return None
+        chunks, at = [], 0
+        for n in lengths:
+            chunks.append(entry.body[at : at + n])
+            at += n
+        return cls(service, model, voice, req, rate, chunks)
+
+    @property
+    def duration(self) -> float:
+        return self.samples_out / self.sample_rate
+
+    async def pcm(self) -> AsyncIterator[bytes]:
+        status = 499  # a client that leaves mid-replay is metered as such
+        try:
+            for chunk in self._chunks:
+                self.samples_out += len(chunk) // 2
+                self.chunks_out += 1
+                yield chunk
+            status = 200
+        finally:
+            metrics.AUDIO_SECONDS_OUT.labels(self.req.surface, self.model).inc(self.duration)
+            self.service._record("tts", self.model, self.duration, len(self.req.text), status, cached=True)

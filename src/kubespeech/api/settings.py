@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubespeech.config import QueueSettings, RedisSettings
@@ -71,6 +71,58 @@ class ApiAliases(BaseModel):
     )
 
 
+class TaskCacheSettings(BaseModel):
+    """The result cache of one task (see ``kubespeech.api.cache``)."""
+
+    enabled: bool = Field(True, description="Answer repeated requests from Redis without a worker.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        le=1 << 40,
+        description="Bytes the cached values may take in Redis; the least recently used are evicted first.",
+    )
+    ttl_s: int = Field(
+        7 * 86400, ge=1, le=365 * 86400, description="How long an entry lives after it is stored."
+    )
+
+
+class AsrCacheSettings(TaskCacheSettings):
+    """The STT result cache: off unless enabled, since audio and transcripts may be sensitive."""
+
+    enabled: bool = Field(False, description="Answer repeated transcriptions from Redis (opt-in).")
+    ttl_s: int = Field(86400, ge=1, le=365 * 86400, description="How long an entry lives after it is stored.")
+    key_file: Path | None = Field(
+        None,
+        description=(
+            "File holding the 32-byte key (base64, hex or raw; a mounted Secret) that encrypts every entry "
+            "with AES-256-GCM and keys entries by HMAC."
+        ),
+    )
+    unencrypted_in_embedded_redis: bool = Field(
+        False,
+        description=(
+            "Allow plaintext entries without key_file: only for the stack's own embedded Redis, which nothing "
+            "outside the stack reaches (the operator sets it)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _protected(self) -> AsrCacheSettings:
+        if self.enabled and self.key_file is None and not self.unencrypted_in_embedded_redis:
+            raise ValueError(
+                "the STT cache holds transcripts: enabling it needs key_file (an encryption key from a "
+                "Secret), or unencrypted_in_embedded_redis for the stack's own embedded Redis"
+            )
+        return self
+
+
+class CacheSettings(BaseModel):
+    """Result caching per task: TTS on by default, STT opt-in and protected."""
+
+    tts: TaskCacheSettings = Field(default_factory=TaskCacheSettings)
+    asr: AsrCacheSettings = Field(default_factory=AsrCacheSettings)
+
+
 class ApiSettings(BaseSettings):
     """One API server process."""
 
@@ -100,6 +152,7 @@ class ApiSettings(BaseSettings):
     )
     limits: ApiLimits = Field(default_factory=ApiLimits)
     aliases: ApiAliases = Field(default_factory=ApiAliases)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     refresh_interval_s: float = Field(
         1.0, gt=0, description="How often model, worker and key state is refreshed in the background."
     )

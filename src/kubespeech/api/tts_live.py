@@ -29,8 +29,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from kubespeech.api.deps import Service, require_key
 from kubespeech.api.errors import request_id_of
-from kubespeech.api.service import SpeechService, SpeechStream, SynthesizeRequest
-from kubespeech.api.waves import TTS_ERRORS, WavesTtsRequest
+from kubespeech.api.service import CachedSpeechStream, SpeechService, SpeechStream, SynthesizeRequest
+from kubespeech.api.waves import TTS_ERRORS, WavesTtsRequest, cache_headers
 from kubespeech.audio.encode import encode_audio
 from kubespeech.errors import InvalidInput, KubespeechError, Unauthorized
 
@@ -64,7 +64,7 @@ def wav_stream_header(sample_rate: int) -> bytes:
     )  # fmt: skip
 
 
-async def encoded_chunks(stream: SpeechStream, fmt: str) -> AsyncIterator[bytes]:
+async def encoded_chunks(stream: SpeechStream | CachedSpeechStream, fmt: str) -> AsyncIterator[bytes]:
     """The stream's audio in ``fmt`` (one of STREAM_FORMATS), chunk by chunk."""
     first = True
     async for pcm in stream.pcm():
@@ -133,6 +133,7 @@ async def waves_tts_live(request: Request, service: Service, body: WavesTtsReque
             sample_rate=body.sample_rate,
             output_format=fmt,
             surface="waves",
+            cache_control=request.headers.get("cache-control"),
         )
     )
     request_id = body.request_id or request_id_of(request)
@@ -148,7 +149,7 @@ async def waves_tts_live(request: Request, service: Service, body: WavesTtsReque
                 "duration": round(stream.duration, 3), "chunks": stream.chunks_out}  # fmt: skip
         yield sse_event(done, "done")
 
-    headers = {**SSE_HEADERS, "X-Sample-Rate": str(stream.sample_rate)}
+    headers = {**SSE_HEADERS, "X-Sample-Rate": str(stream.sample_rate), **cache_headers(stream.cache)}
     if body.session_id:
         headers["X-External-Session-Id"] = body.session_id
     if body.request_id:
@@ -206,6 +207,8 @@ class LiveSession:
         self.queue: asyncio.Queue[_Utterance] = asyncio.Queue()
         self.busy = False
         self._send_lock = asyncio.Lock()
+        # The upgrade request's Cache-Control applies to every utterance of the socket.
+        self.cache_control = ws.headers.get("cache-control")
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -311,6 +314,7 @@ class LiveSession:
                 sample_rate=m.sample_rate,
                 output_format="pcm",
                 surface="waves",
+                cache_control=self.cache_control,
             )
         )
         async for pcm in stream.pcm():

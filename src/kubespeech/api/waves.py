@@ -248,8 +248,14 @@ def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | N
     )
 
 
+def cache_headers(status: str | None) -> dict[str, str]:
+    """``X-Cache: hit|miss`` when the task's result cache is on (no header when it is off)."""
+    return {"X-Cache": status} if status else {}
+
+
 def speech_response(speech: Speech, body: WavesTtsRequest | None = None) -> Response:
     headers = {"X-Sample-Rate": str(speech.sample_rate), "X-Audio-Duration": f"{speech.duration:.3f}"}
+    headers.update(cache_headers(speech.cache))
     if body is not None:
         if body.session_id:
             headers["X-External-Session-Id"] = body.session_id
@@ -272,6 +278,7 @@ async def synthesize_waves(
             sample_rate=body.sample_rate,
             output_format=fmt,
             surface="waves",
+            cache_control=request.headers.get("cache-control"),
         )
     )
     return speech_response(speech, body)
@@ -306,10 +313,11 @@ async def transcribe_raw(
             raw_encoding=encoding or "linear16",
             raw_channels=channels,
             surface=surface,
+            cache_control=request.headers.get("cache-control"),
         )
     )
     body = transcription_body(transcript, request_id_of(request), unsupported, word_timestamps)
-    return json_response(body)
+    return json_response(body, headers=cache_headers(transcript.cache))
 
 
 # --- routes --------------------------------------------------------------------------------------------------

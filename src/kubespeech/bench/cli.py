@@ -12,7 +12,7 @@ import typer
 
 from kubespeech.bench.report import table
 
-SUITES = ("protocol", "engine", "surfaces", "operator", "autoscaler", "gpu")
+SUITES = ("protocol", "engine", "surfaces", "streaming", "cache", "operator", "autoscaler", "gpu")
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +64,36 @@ def register(app: typer.Typer) -> None:
                 "\n== API surfaces on CPU engines (2 s STT, one-sentence TTS); engine_ms = direct engine call =="
             )
             typer.echo(table(res["rows"]))
+        if "streaming" in suites:
+            from kubespeech.bench.streaming import streaming
+
+            res = asyncio.run(streaming())
+            results["streaming"] = res
+            typer.echo(
+                "\n== Live STT: end of phrase -> final event (whisper tiny.en, real-time paced clients) =="
+            )
+            typer.echo(table(res["stt_phrase_latency"]))
+            typer.echo(
+                f"\n== Live STT sessions on one worker (keeps up: every final within {res['lag_bound_s']} s) =="
+            )
+            typer.echo(table(res["sessions_per_worker"]))
+            typer.echo(f"sessions one worker sustains: {res['sessions_one_worker_sustains']}")
+            typer.echo("\n== Streaming TTS over SSE (piper): time to first audio vs whole synthesis ==")
+            typer.echo(table([res["tts_streaming"]]))
+        if "cache" in suites:
+            from kubespeech.bench.cache import cache_bench
+
+            res = asyncio.run(cache_bench(seconds))
+            results["cache"] = res
+            typer.echo(
+                "\n== Result cache: p50 of a hit vs a miss (piper TTS, whisper tiny.en STT, one at a time) =="
+            )
+            typer.echo(table(res["latency"]))
+            typer.echo(
+                "\n== Result cache: TTS at 8 clients, 90 % repeats, cache vs no-store (medians of windows) =="
+            )
+            typer.echo(table(res["throughput"]))
+            typer.echo(f"speed-up: {res['throughput_speedup']}x")
         if "operator" in suites:
             from kubespeech_operator.bench import run_operator_bench
 

@@ -114,9 +114,15 @@ def rss_mb(pid: int) -> float:
 class BenchStack:
     """Redis + API + the given workers, as real processes."""
 
-    def __init__(self, workers: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        workers: list[dict[str, Any]],
+        models: list[dict[str, Any]],
+        api_env: dict[str, str] | None = None,
+    ) -> None:
         self.workers = workers
         self.models = models
+        self.api_env = api_env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="kubespeech-bench-"))
         (self.dir / "logs").mkdir()
         self.sup = Supervisor(self.dir, self.dir / "logs", verbose=False)
@@ -139,7 +145,12 @@ class BenchStack:
             args = [*ks, "worker", "--task", w["task"], "--model", w["model"], "--engine", w["engine"],
                     "--health-port", str(health), "--max-batch-size", str(w.get("max_batch_size", 32)),
                     "--max-wait-ms", str(w.get("max_wait_ms", 0))]  # fmt: skip
-            child = Child(f"worker-{w['model']}", args, f"http://127.0.0.1:{health}/readyz", env=env)
+            child = Child(
+                f"worker-{w['model']}",
+                args,
+                f"http://127.0.0.1:{health}/readyz",
+                env={**env, **w.get("env", {})},
+            )
             self.sup.start(child)
             self.worker_children.append(child)
         keys = self.dir / "keys"
@@ -156,6 +167,7 @@ class BenchStack:
                 "KUBESPEECH_API_PORT": str(self.port),
                 "KUBESPEECH_API_KEYS_FILE": str(keys),
                 "KUBESPEECH_API_MODELS_FILE": str(models),
+                **self.api_env,
             },
         )
         self.sup.start(self.api)

@@ -15,7 +15,7 @@ Layout (``{p}`` is the key prefix, ``{m}`` a model queue name):
 - ``{p}:models``   hash: model queue name -> JSON description published by its workers.
 - ``{p}:c:{id}``   stream of one *streaming* job's audio (meta ``stream`` true), read by the API with XREAD
   BLOCK as entries arrive: ``{seq, sr, pcm}`` per chunk (seq from 0, 16-bit mono PCM at rate ``sr``), then
-  one terminal entry, ``{done: 1, chunks, duration}`` or ``{error: code, message, e: error JSON}``. The TTL
+  one terminal entry, ``{done: 1, chunks, duration, rev}`` (``rev``: the worker's model revision) or ``{error: code, message, e: error JSON}``. The TTL
   (the job's deadline plus the result TTL) is renewed on every XADD. A worker that dies mid-stream leaves
   its entry pending; whoever reclaims it synthesizes again *from the beginning*, appending seq 0, 1, ...
   once more after the chunks already there: the reader skips every seq at or below the last it forwarded,
@@ -643,6 +643,8 @@ class JobConsumer:
                         "chunks": int(result.header.get("chunks") or 0),
                         "duration": float(result.header.get("duration") or 0.0),
                     }
+                    if result.header.get("rev"):
+                        fields["rev"] = str(result.header["rev"])
                 pipe.xadd(key, fields)
                 pipe.pexpire(key, self._stream_ttl_ms(job))
             await pipe.execute()

@@ -49,6 +49,7 @@ class UsageEvent(BaseModel):
     audio_seconds: float = Field(..., ge=0)
     characters: int = Field(..., ge=0)
     status_code: int = Field(..., ge=100, le=599)
+    cached: bool = Field(False, description="Answered from the API's result cache (no engine ran).")
 
 
 class UsageBatch(BaseModel):

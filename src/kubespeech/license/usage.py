@@ -1,7 +1,7 @@
 """Usage metering: one metadata-only event per finished request or session into a bounded Redis stream.
 
-An event carries what the vendor may bill on (feature, model, audio seconds, characters, status code, time)
-and an id for deduplication upstream; it never carries audio, text, API keys or client addresses. The
+An event carries what the vendor may bill on (feature, model, audio seconds, characters, status code, time,
+and ``cached`` for a request the API's result cache answered) and an id for deduplication upstream; it never carries audio, text, API keys or client addresses. The
 stream is the durable buffer the license proxy drains upstream; it is capped at ``max_events`` (the oldest
 are trimmed, and the proxy counts them as dropped from the ``added`` counter).
 """
@@ -37,7 +37,7 @@ def decode_event(fields: Mapping[Any, Any] | None) -> dict[str, Any] | None:
     """A stream entry as the event sent upstream (typed fields), or None if it is not a usage event."""
     f = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
     try:
-        return {
+        event: dict[str, Any] = {
             "id": f["id"],
             "ts": float(f["ts"]),
             "feature": f["feature"],
@@ -48,6 +48,10 @@ def decode_event(fields: Mapping[Any, Any] | None) -> dict[str, Any] | None:
         }
     except (KeyError, ValueError):
         return None
+    if f.get("cached") == "1":
+        # Only on cached events, so the events of a deployment without the cache keep their exact shape.
+        event["cached"] = True
+    return event
 
 
 class UsageRecorder:
@@ -80,7 +84,13 @@ class UsageRecorder:
         self._flusher: asyncio.Task[None] | None = None
 
     def _event(
-        self, feature: str, model: str, audio_seconds: float, characters: int, status_code: int
+        self,
+        feature: str,
+        model: str,
+        audio_seconds: float,
+        characters: int,
+        status_code: int,
+        cached: bool = False,
     ) -> tuple[dict[Any, Any], float, float]:
         now = time.time()
         audio_seconds = float(audio_seconds)
@@ -96,6 +106,8 @@ class UsageRecorder:
             "characters": str(max(0, int(characters))),
             "status_code": str(int(status_code)),
         }
+        if cached:
+            event["cached"] = "1"
         return event, audio_seconds, now
 
     async def record(
@@ -106,6 +118,7 @@ class UsageRecorder:
         audio_seconds: float,
         characters: int,
         status_code: int,
+        cached: bool = False,
     ) -> None:
         if self.flush_interval_s > 0:
             self.enqueue(
@@ -114,15 +127,23 @@ class UsageRecorder:
                 audio_seconds=audio_seconds,
                 characters=characters,
                 status_code=status_code,
+                cached=cached,
             )
             return
-        await self._write([self._event(feature, model, audio_seconds, characters, status_code)])
+        await self._write([self._event(feature, model, audio_seconds, characters, status_code, cached)])
 
     def enqueue(
-        self, *, feature: str, model: str, audio_seconds: float, characters: int, status_code: int
+        self,
+        *,
+        feature: str,
+        model: str,
+        audio_seconds: float,
+        characters: int,
+        status_code: int,
+        cached: bool = False,
     ) -> None:
         """Buffer one event (no I/O); a background flush writes the buffer soon."""
-        self._pending.append(self._event(feature, model, audio_seconds, characters, status_code))
+        self._pending.append(self._event(feature, model, audio_seconds, characters, status_code, cached))
         if self._flusher is None or self._flusher.done():
             delay = 0.0 if len(self._pending) >= self.flush_max_events else self.flush_interval_s
             self._flusher = asyncio.create_task(self._flush_after(delay))

@@ -43,6 +43,7 @@ from kubespeech.worker.handlers import Outcome, TaskHandler, make_handler
 from kubespeech.worker.health import HealthServer
 from kubespeech.worker.live_stt import start_live_sessions
 from kubespeech.worker.metrics import WorkerMetrics
+from kubespeech.worker.revision import model_revision
 from kubespeech.worker.streaming import is_streaming, run_streams
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Worker:
         self.redis: Redis | None = None
         self.consumer: JobConsumer | None = None
         self.model_loaded = False
+        self.revision: str | None = None  # set once the engine has loaded (see worker/revision.py)
         self.load_error: str | None = None
         self.redis_ok = False
         self.draining = False
@@ -169,6 +171,7 @@ class Worker:
             log.error("model failed to load", extra={"error": self.load_error})
             await self.health.close()
             return 1
+        self.revision = model_revision(self.settings, self.handler.describe())
         self.model_loaded = True
         self.redis = connect(self.redis_settings, max_connections=16)
         self.consumer = JobConsumer(
@@ -200,7 +203,11 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         assert self.consumer is not None
         info = self.handler.describe()
-        info.update(model=self.settings.model, batching={"max_batch_size": self.settings.max_batch_size})
+        info.update(
+            model=self.settings.model,
+            batching={"max_batch_size": self.settings.max_batch_size},
+            revision=self.revision,
+        )
         while True:
             try:
                 if self._hung():
@@ -323,7 +330,9 @@ class Worker:
             self.metrics.audio_seconds.labels(**labels).inc(audio)
             self.metrics.rtf.labels(**labels).observe(elapsed / audio)
         # Engine time and batch size ride along so the API can show its own overhead beside the engine's.
-        timing = {"engine_ms": round(elapsed * 1000, 3), "batch_size": len(jobs)}
+        timing: dict[str, Any] = {"engine_ms": round(elapsed * 1000, 3), "batch_size": len(jobs)}
+        # The revision that produced a result: the API caches it only under that revision's key.
+        timing["rev"] = self.revision
         for o in outcomes:
             if o.result.error is None:
                 o.result.header.update(timing)

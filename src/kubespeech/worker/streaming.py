@@ -51,5 +51,7 @@ async def run_streams(worker: Worker, jobs: list[Job]) -> None:
             metrics.audio_seconds.labels(**labels).inc(outcome.audio_seconds)
             metrics.rtf.labels(**labels).observe(elapsed / outcome.audio_seconds)
         if outcome.result.error is None:
-            outcome.result.header.update(engine_ms=round(elapsed * 1000, 3), batch_size=1)
+            outcome.result.header.update(
+                engine_ms=round(elapsed * 1000, 3), batch_size=1, rev=worker.revision
+            )
         await worker._publish([(job, outcome.result)])

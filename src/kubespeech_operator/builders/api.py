@@ -76,9 +76,46 @@ def build_config_map(ctx: Context) -> Manifest:
     }
 
 
+CACHE_KEY_DIR = f"{SECRETS_DIR}/cache-key"
+
+
+def cache_env_and_mounts(
+    ctx: Context,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The API's result cache settings (``KUBESPEECH_API_CACHE__*``) and the STT cache key, mounted as a file
+    from its Secret (never an env value)."""
+    cache = ctx.spec.cache
+    envs: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for task, spec in (("TTS", cache.tts), ("ASR", cache.asr)):
+        prefix = f"KUBESPEECH_API_CACHE__{task}__"
+        envs += [
+            env(f"{prefix}ENABLED", spec.enabled),
+            env(f"{prefix}MAX_BYTES", spec.max_bytes),
+            env(f"{prefix}TTL_S", spec.ttl_seconds),
+        ]
+    asr = cache.asr
+    if asr.enabled and asr.encryption_key_secret_ref is not None:
+        ref = asr.encryption_key_secret_ref
+        volumes.append(
+            {
+                "name": "cache-key",
+                "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "key"}]},
+            }
+        )
+        mounts.append({"name": "cache-key", "mountPath": CACHE_KEY_DIR, "readOnly": True})
+        envs.append(env("KUBESPEECH_API_CACHE__ASR__KEY_FILE", f"{CACHE_KEY_DIR}/key"))
+    elif asr.enabled and ctx.spec.redis.mode == "embedded":
+        # Only this stack reaches its embedded Redis (NetworkPolicies); the models refuse this for external.
+        envs.append(env("KUBESPEECH_API_CACHE__ASR__UNENCRYPTED_IN_EMBEDDED_REDIS", True))
+    return envs, volumes, mounts
+
+
 def build_api_deployment(ctx: Context) -> Manifest:
     api = ctx.spec.api
     redis_env, volumes, mounts = redis_env_and_mounts(ctx)
+    cache_env, cache_volumes, cache_mounts = cache_env_and_mounts(ctx)
     tmp, tmp_mount = tmp_volume()
     keys_ref = api.api_keys_secret_ref
     volumes = [
@@ -92,12 +129,14 @@ def build_api_deployment(ctx: Context) -> Manifest:
             "secret": {"secretName": keys_ref.name, "items": [{"key": keys_ref.key, "path": "keys"}]},
         },
         *volumes,
+        *cache_volumes,
     ]
     mounts = [
         tmp_mount,
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "api-keys", "mountPath": f"{SECRETS_DIR}/api-keys", "readOnly": True},
         *mounts,
+        *cache_mounts,
     ]
     container = {
         "name": "api",
@@ -112,6 +151,7 @@ def build_api_deployment(ctx: Context) -> Manifest:
             env("KUBESPEECH_API_KEYS_FILE", f"{SECRETS_DIR}/api-keys/keys"),
             env("KUBESPEECH_API_MODELS_FILE", f"{CONFIG_DIR}/{MODELS_FILE}"),
             env("KUBESPEECH_API_LICENSE_PROXY_URL", f"http://{ctx.license_proxy_name}:{LICENSE_PROXY_PORT}"),
+            *cache_env,
         ],
         "resources": resources(api.resources, "api"),
         "startupProbe": {
