@@ -37,6 +37,7 @@ class WorkerProcess:
         max_wait_ms: int = 5,
         engine_options: Mapping[str, object] | None = None,
         env: Mapping[str, str] | None = None,
+        log: Path | None = None,
     ) -> None:
         self.health_port = free_port()
         args = [
@@ -46,7 +47,11 @@ class WorkerProcess:
         ]  # fmt: skip
         if engine_options:
             args += ["--engine-options", json.dumps(engine_options)]
-        self.proc = subprocess.Popen(args, env=stack_env(redis_url, env))
+        # With ``log``, the worker's output goes to that file (tests that read the logs), else to ours.
+        out = log.open("ab") if log is not None else None
+        self.proc = subprocess.Popen(args, env=stack_env(redis_url, env), stdout=out, stderr=out)
+        if out is not None:
+            out.close()  # the child has its own copy
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.health_port}{path}"

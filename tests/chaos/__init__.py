@@ -1,0 +1,1 @@
+"""Chaos and soak suites: real processes on loopback, faults injected under load."""
