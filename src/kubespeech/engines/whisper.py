@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,11 @@ class WhisperOptions:
     """Shorter audio is rejected as invalid input."""
     max_audio_s: float | None = None
     """Longer audio is rejected with AUDIO_TOO_LONG; None = no limit here (the API limits payloads)."""
+    stream_window_s: float = 10.0
+    """Shortest encoder window of live-stream decodes (the utterance + 1 s when longer); 30 = Whisper's full
+    window. Whisper pads every input to 30 s and its encoder's cost follows the window, not the speech:
+    a 10 s window decodes a short phrase about 3x faster on CPU with the same words on our test phrases,
+    while 5 s started to cost accuracy. Batch requests always use the full window."""
 
     @classmethod
     def from_mapping(cls, options: dict[str, Any]) -> WhisperOptions:
@@ -91,6 +97,8 @@ class WhisperOptions:
             raise InvalidInput(f"beam_size must be >= 1, got {opts.beam_size}")
         if opts.num_workers < 1:
             raise InvalidInput(f"num_workers must be >= 1, got {opts.num_workers}")
+        if not 1.0 <= opts.stream_window_s <= 30.0:
+            raise InvalidInput(f"stream_window_s must be between 1 and 30, got {opts.stream_window_s}")
         return opts
 
 
@@ -134,6 +142,7 @@ class WhisperEngine:
         self._languages: list[str] = []
         self._resolved_path: Path | None = None
         self._load_lock = threading.Lock()
+        self._window = threading.local()  # .frames: this thread's decode may shorten the encoder window
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -161,6 +170,7 @@ class WhisperEngine:
                     f"could not load whisper model from '{path}': {exc}", model_path=str(path)
                 ) from exc
             self._languages = list(model.supported_languages)
+            model.encode = self._windowed_encode(model.encode)
             self._resolved_path = path
             self._model = model
             log.info("whisper model loaded from %s (%s, %s)", path, self.device, self.compute_type)
@@ -168,6 +178,31 @@ class WhisperEngine:
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+    def _windowed_encode(self, encode: Any) -> Any:
+        """faster-whisper's encode, cutting the zero padding it added down to this thread's window, if set.
+
+        CTranslate2's Whisper encoder takes fewer than 3000 frames (whisper.cpp's ``audio_ctx`` does the
+        same), and faster-whisper's decoding, timestamps and word alignment follow the encoder's output.
+        """
+        window = self._window
+
+        def windowed(features: np.ndarray) -> Any:
+            frames = getattr(window, "frames", None)
+            if frames is not None:
+                features = _trim_padding(features, frames)
+            return encode(features)
+
+        return windowed
+
+    @contextlib.contextmanager
+    def stream_window(self) -> Iterator[None]:
+        """Decodes in this block (this thread only) use the shorter live-stream encoder window."""
+        self._window.frames = int(self.options.stream_window_s * _FRAMES_PER_S)
+        try:
+            yield
+        finally:
+            self._window.frames = None
 
     def describe(self) -> dict[str, object]:
         path = self._resolved_path or self.model_path
@@ -340,6 +375,19 @@ def _model_name(path: Path | None) -> str:
     return path.parent.name if path.name == "model" else path.name
 
 
+_FRAMES_PER_S = 100  # Whisper's log-mel frames per second of audio
+
+
+def _trim_padding(features: np.ndarray, min_frames: int) -> np.ndarray:
+    """Cut the zero columns pad_or_trim appended, keeping ``min_frames`` and 1 s after the content."""
+    columns = np.abs(features if features.ndim == 2 else features[0]).sum(axis=0)
+    nonzero = np.flatnonzero(columns > 0)
+    content = int(nonzero[-1]) + 1 if nonzero.size else 0
+    whole_seconds = -(-(content + _FRAMES_PER_S) // _FRAMES_PER_S) * _FRAMES_PER_S
+    keep = min(features.shape[-1], max(min_frames, whole_seconds))
+    return features[..., :keep]
+
+
 def _clamp(t: float, duration: float) -> float:
     return min(max(float(t), 0.0), duration)
 
@@ -443,6 +491,7 @@ class WhisperStream:
 
     _MIN_SPEECH_WINDOWS = 3  # a lone loud click is not speech worth a decode
     _PAD_WINDOWS = 6  # ~190 ms kept around speech so word edges survive the cut
+    _SPECULATE_WINDOWS = 3  # ~100 ms of quiet after speech: decode the final while the endpoint is awaited
 
     def __init__(
         self,
@@ -481,8 +530,9 @@ class WhisperStream:
         self._since_partial = 0
         self._last_partial = ""
         self._partial_cost = 0  # wall time of the last partial decode, in samples of real-time audio
-        # (start, end, result) of the speculative final decode, in windows of the current buffer.
-        self._speculative: tuple[int, int, AsrResult] | None = None
+        # The speculative final decode: (first window, last speech window, end window, result) of the
+        # current buffer; it stands while no speech came after that last window.
+        self._speculative: tuple[int, int, int, AsrResult] | None = None
         self._closed = False
 
     @property
@@ -520,14 +570,10 @@ class WhisperStream:
             return []  # nothing to flush; the buffered quiet stays as onset context for what follows
         start_window = max(0, int(speech[0]) - self._PAD_WINDOWS)
         start, end = start_window * _VAD_WINDOW, len(self._buffer)
-        spec = self._speculative
-        if (
-            spec is not None
-            and spec[0] == start_window
-            and int(speech[-1]) + 1 + self._PAD_WINDOWS == spec[1]
-        ):
+        spec = self._speculation(start_window, int(speech[-1]))
+        if spec is not None:
             # No speech since the speculative decode: what follows it is quiet, so its result stands.
-            event = self._final(start, spec[1] * _VAD_WINDOW, spec[2])
+            event = self._final(start, spec[2] * _VAD_WINDOW, spec[3])
         else:
             event = self._final(start, end)
         # Everything buffered is settled now, including samples the VAD has not scored yet (< 1 window).
@@ -570,18 +616,20 @@ class WhisperStream:
             elif len(probs) - start >= self._max_windows:
                 end = self._cut_point(start)
             else:
-                if len(probs) >= padded_end and self._speculative_key() != (start, padded_end):
-                    # Speech paused long enough for the final's padding: decode the final now, while
-                    # the end-of-utterance silence is still being waited out (see the class docstring).
+                quiet = len(probs) - 1 - last
+                if quiet >= self._SPECULATE_WINDOWS and self._speculation(start, last) is None:
+                    # Speech paused: decode the final now, while the end-of-utterance silence is still
+                    # being waited out (see the class docstring).
+                    spec_end = min(len(probs), padded_end)
                     started = time.perf_counter()
-                    result = self._recognize(start * _VAD_WINDOW, padded_end * _VAD_WINDOW, final=True)
+                    result = self._recognize(start * _VAD_WINDOW, spec_end * _VAD_WINDOW, final=True)
                     self._partial_cost = int((time.perf_counter() - started) * SAMPLE_RATE)
-                    self._speculative = (start, padded_end, result)
+                    self._speculative = (start, last, spec_end, result)
                     self._since_partial = 0
                     if result.text and result.text != self._last_partial:
                         self._last_partial = result.text
                         out.append(
-                            self._event("partial", result, start * _VAD_WINDOW, padded_end * _VAD_WINDOW)
+                            self._event("partial", result, start * _VAD_WINDOW, spec_end * _VAD_WINDOW)
                         )
                     return out
                 if self._partial_samples is not None and self._since_partial >= self._partial_due():
@@ -593,14 +641,20 @@ class WhisperStream:
                         self._last_partial = partial.text
                         out.append(self._event("partial", partial, start * _VAD_WINDOW, len(self._buffer)))
                 return out
-            spec = self._speculative if self._speculative_key() == (start, end) else None
-            event = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW, spec[2] if spec else None)
+            # At an endpoint (not at a forced cut) a standing speculative decode is the final.
+            spec = self._speculation(start, last) if end == min(len(probs), padded_end) else None
+            if spec is not None:
+                event = self._final(start * _VAD_WINDOW, spec[2] * _VAD_WINDOW, spec[3])
+            else:
+                event = self._final(start * _VAD_WINDOW, end * _VAD_WINDOW)
             if event is not None:
                 out.append(event)
             self._drop(end)  # the rest of the buffer may already hold the next utterance: loop
 
-    def _speculative_key(self) -> tuple[int, int] | None:
-        return self._speculative[:2] if self._speculative is not None else None
+    def _speculation(self, start: int, last: int) -> tuple[int, int, int, AsrResult] | None:
+        """The speculative decode of the utterance from window ``start`` whose speech ends at ``last``."""
+        spec = self._speculative
+        return spec if spec is not None and spec[:2] == (start, last) else None
 
     def _partial_due(self) -> int:
         """Samples of new audio before the next partial (see the class docstring)."""
@@ -638,6 +692,10 @@ class WhisperStream:
         )
 
     def _recognize(self, start: int, end: int, *, final: bool) -> AsrResult:
+        with self._engine.stream_window():
+            return self._decode(start, end, final=final)
+
+    def _decode(self, start: int, end: int, *, final: bool) -> AsrResult:
         return self._engine._decode(
             self._buffer[start:end],
             language=self._language,
