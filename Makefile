@@ -13,7 +13,7 @@ help: ## Show this help
 
 # The first install takes a few minutes (torch ~900 MB, NeMo, the engines): each step says what it does
 # and pip shows its progress.
-$(STAMP): pyproject.toml constraints.txt scripts/install-torch.py
+$(STAMP): pyproject.toml operator/pyproject.toml constraints.txt scripts/install-torch.py
 	@echo "==> [1/4] $(VENV): a virtual environment with $(PYTHON)"
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@echo "==> [2/4] pip"
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install-torch.py
 	@echo "==> [3/4] torch 2.13.0, the CPU build (first and on its own: a later unpinned resolve would pull a multi-GB CUDA build)"
 	$(BIN)/python scripts/install-torch.py
 	@echo "==> [4/4] kubespeech with every extra (engines, NeMo, operator, dev tools)"
-	$(BIN)/pip install -c constraints.txt -e '.[cpu,nemo,operator,dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[cpu,nemo,dev]' -e ./operator
 	touch $(STAMP)
 
 venv: $(STAMP) ## Create .venv and install kubespeech with every extra (idempotent)
@@ -33,13 +33,13 @@ dev: venv ## Run the whole stack locally (Redis, license proxy, API on :7100, CP
 	$(BIN)/kubespeech dev
 
 lint: venv ## ruff + mypy
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src operator tests scripts
+	$(BIN)/ruff format --check src operator tests scripts
 	$(BIN)/mypy
 
 fmt: venv ## Format the code
-	$(BIN)/ruff check --fix src tests scripts
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src operator tests scripts
+	$(BIN)/ruff format src operator tests scripts
 
 test: venv tools ## Lint, then run every test (real Redis, real engines, KMock); GPU/e2e tests skip with a reason
 	$(MAKE) lint
@@ -61,11 +61,14 @@ crds: venv ## Copy the canonical CRD into the Helm chart (and its spec schema in
 chart-readme: venv ## Regenerate charts/kubespeech/README.md from the chart's values.yaml
 	$(BIN)/python scripts/chart-readme.py
 
+docs: venv ## Regenerate the environment-variable tables of docs/architecture.md from the settings models
+	$(BIN)/python scripts/settings-doc.py
+
 fuzz: venv ## Long schemathesis run against the API's OpenAPI spec
 	KUBESPEECH_FUZZ_EXAMPLES=5000 $(BIN)/pytest -q tests/api -k fuzz
 
-bench: venv ## Benchmarks: protocol overhead, engine vs stack, memory, API surfaces, operator, autoscaler (JSON in bench-results/)
-	$(BIN)/kubespeech bench -s protocol -s engine -s surfaces -s operator -s autoscaler --out bench-results
+bench: venv ## Benchmarks: protocol overhead, engine vs stack, API surfaces, live streaming, result cache, operator, autoscaler (JSON in bench-results/)
+	$(BIN)/kubespeech bench -s protocol -s engine -s surfaces -s streaming -s cache -s operator -s autoscaler --out bench-results
 
 e2e: venv ## End-to-end tests against the cluster in $KUBECONFIG
 	$(BIN)/pytest -q tests/e2e
@@ -73,4 +76,4 @@ e2e: venv ## End-to-end tests against the cluster in $KUBECONFIG
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache bench-results
 
-.PHONY: help venv tools dev lint fmt test test-chaos soak golden crds chart-readme fuzz bench e2e clean
+.PHONY: help venv tools dev lint fmt test test-chaos soak golden crds chart-readme docs fuzz bench e2e clean

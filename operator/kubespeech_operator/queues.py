@@ -23,7 +23,7 @@ from kubespeech.license.verdict import LicenseVerdict, read_verdict
 from kubespeech.redis_client import connect
 from kubespeech_operator.builders.common import REDIS_PORT
 from kubespeech_operator.kube import ApiError, KubeClient, Resource
-from kubespeech_operator.models import SpeechDeploymentSpec
+from kubespeech_operator.spec import SpeechDeploymentSpec
 
 logger = logging.getLogger(__name__)
 

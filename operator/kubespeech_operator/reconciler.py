@@ -29,9 +29,9 @@ from kubespeech_operator.builders.common import (
 )
 from kubespeech_operator.errors import InvalidSpecError, ReconcileError, from_api_error
 from kubespeech_operator.kube import ApiError, JsonObject, KubeClient, Resource
-from kubespeech_operator.models import SpecError, SpeechDeploymentSpec, parse_spec, validate_name
 from kubespeech_operator.queues import QueueDepthReader
 from kubespeech_operator.settings import GROUP, PLURAL, VERSION
+from kubespeech_operator.spec import SpecError, SpeechDeploymentSpec, parse_spec, validate_name
 
 logger = logging.getLogger(__name__)
 

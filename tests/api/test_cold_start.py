@@ -225,9 +225,9 @@ def test_a_models_per_model_cold_start_wait_overrides_the_apis(
     api_redis: RedisServer, tmp_path: Path
 ) -> None:
     """coldStartWaitSeconds of a SpeechDeployment's pool reaches the API through the models file: that model
-    is held for its own wait (0.5 s) instead of the API's (20 s); a garbled value falls back to the API's."""
+    is held for its own wait (0.5 s) instead of the API's (20 s); a model without one gets the API's."""
     models = [{"name": PER_MODEL, "task": "tts", "cold_start_wait_s": 0.5},
-              {"name": "cs-garbled", "task": "tts", "cold_start_wait_s": "soon"}]  # fmt: skip
+              {"name": "cs-api-default", "task": "tts"}]  # fmt: skip
     server = start_api(api_settings(api_redis.url, models, tmp_path,
                                     limits={"retry_after_s": 2, "cold_start_wait_s": 20.0, "request_timeout_s": 1.5}))  # fmt: skip
     try:
@@ -236,7 +236,7 @@ def test_a_models_per_model_cold_start_wait_overrides_the_apis(
         held = time.monotonic() - started
         assert r.status_code == 503 and 0.45 <= held < 1.4, (r.status_code, held)
         started = time.monotonic()
-        r = speak(server, "cs-garbled", "held until the deadline")
+        r = speak(server, "cs-api-default", "held until the deadline")
         # The API's own 20 s wait applies, so the 1.5 s request deadline ends the hold.
         assert time.monotonic() - started >= 1.4, r.status_code
     finally:

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders import CHILD_KINDS
-from kubespeech_operator.models import parse_spec, validate_name
 from kubespeech_operator.render import load_speech_deployment
 from kubespeech_operator.render import render as render_stack
+from kubespeech_operator.spec import parse_spec, validate_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubespeech"

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders import CHILD_KINDS, build_children
-from kubespeech_operator.models import parse_spec
+from kubespeech_operator.spec import parse_spec
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

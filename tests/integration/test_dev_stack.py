@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -82,7 +83,8 @@ def _start_dev(extra: list[str] | None = None) -> DevStack:
 
 @pytest.fixture(scope="module")
 def dev_stack() -> Iterator[DevStack]:
-    stack = _start_dev()
+    # The example a platform engineer applies to a cluster, run here by the same builders.
+    stack = _start_dev(["-f", str(Path(__file__).resolve().parents[2] / "examples" / "cpu.yaml")])
     yield stack
     if stack.proc.poll() is None:
         stack.proc.kill()
@@ -219,7 +221,7 @@ def test_sigterm_stops_every_process_it_started(dev_stack: DevStack) -> None:
 
 
 def test_a_killed_supervisor_leaves_no_orphans() -> None:
-    stack = _start_dev(["--no-license-proxy"])
+    stack = _start_dev()
     children = psutil.Process(stack.proc.pid).children(recursive=True)
     assert children
     stack.proc.send_signal(signal.SIGKILL)

@@ -98,6 +98,32 @@ async def test_answers_are_cached_for_the_ttl(vendor: Vendor, start_proxy: Start
         await gate.aclose()
 
 
+async def test_an_answer_that_outlives_its_serve_until_is_fetched_again_not_refused(
+    vendor: Vendor, upstream: Upstream, start_proxy: StartProxy
+) -> None:
+    """A grace period shorter than the gate's cache TTL: the proxy keeps checking in, so every answer it
+    gives is valid, but each is only good for the grace period; the gate must ask again, not refuse."""
+    grace_s = 0.6
+    p = await start_proxy(vendor.token(upstream=upstream.url), grace_hours=grace_s / 3600)
+    hits = {"n": 0}
+    original = p.proxy.snapshot
+
+    async def counted() -> dict[str, object]:
+        hits["n"] += 1
+        return await original()
+
+    p.proxy.snapshot = counted  # type: ignore[method-assign]
+    gate = LicenseGate(p.url, cache_ttl_s=30.0, timeout_s=1.0)
+    try:
+        until = time.monotonic() + 3 * grace_s
+        while time.monotonic() < until:
+            await gate.check("asr")  # raised LicenseExpiredError once the first answer outlived its grace
+            await asyncio.sleep(0.05)
+        assert 2 <= hits["n"] <= 20  # fetched again as answers ran out, not on every request
+    finally:
+        await gate.aclose()
+
+
 async def test_proxy_unreachable_serves_cached_state_until_the_grace_deadline(
     vendor: Vendor, upstream: Upstream, start_proxy: StartProxy
 ) -> None:

@@ -80,7 +80,7 @@ def nemo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ctc_model(nemo_dir: Path) -> Path:
     """A random-weight char-CTC model: fast, for shape/batching/error tests."""
-    from kubespeech.models.nemo_tiny import save_asr
+    from kubespeech.bench.nemo_tiny import save_asr
 
     return save_asr(nemo_dir / "ctc-random.nemo", "ctc")
 
@@ -90,7 +90,7 @@ def trained_ctc_model(nemo_dir: Path, speech: Speech) -> Path:
     """A char-CTC model trained on ``PHRASES`` until it recognizes them."""
     import torch
 
-    from kubespeech.models.nemo_tiny import build_asr, train_char_ctc
+    from kubespeech.bench.nemo_tiny import build_asr, train_char_ctc
 
     torch.manual_seed(0)
     model = build_asr("ctc")
@@ -103,7 +103,7 @@ def trained_ctc_model(nemo_dir: Path, speech: Speech) -> Path:
 
 @pytest.fixture(scope="session")
 def tts_models(nemo_dir: Path) -> TtsModels:
-    from kubespeech.models.nemo_tiny import save_tts
+    from kubespeech.bench.nemo_tiny import save_tts
 
     directory = nemo_dir / "tts"
     fastpitch, hifigan = save_tts(directory, n_speakers=3)

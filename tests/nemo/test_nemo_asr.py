@@ -140,7 +140,7 @@ def test_trained_model_recognizes_its_phrases_with_word_times(
 
 @pytest.mark.parametrize("kind", ["rnnt", "tdt", "hybrid"])
 def test_rnnt_tdt_and_hybrid_checkpoints_batch_in_one_pass(nemo_dir: Path, kind: str) -> None:
-    from kubespeech.models.nemo_tiny import save_asr
+    from kubespeech.bench.nemo_tiny import save_asr
 
     path = save_asr(nemo_dir / f"{kind}.nemo", kind)
     engine = NemoAsrEngine(model_path=str(path))

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from kubespeech.api.settings import ApiSettings
 from kubespeech_operator.builders import build_children
-from kubespeech_operator.models import SpecError, parse_spec
+from kubespeech_operator.spec import SpecError, parse_spec
 
 BASE: dict[str, Any] = {
     "license": {"secretRef": {"name": "lic", "key": "license.key"}},

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders.crd import CRD_PATH, build_crd, crd_yaml
-from kubespeech_operator.models import SpecError, parse_spec, validate_name
+from kubespeech_operator.spec import SpecError, parse_spec, validate_name
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / CRD_PATH

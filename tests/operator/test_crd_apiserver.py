@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders.crd import CRD_NAME, PLURAL
-from kubespeech_operator.models import parse_spec, validate_name
 from kubespeech_operator.render import load_speech_deployment
+from kubespeech_operator.spec import parse_spec, validate_name
 from tests.envtest import ApiServer, api_path, apply, ensure_namespace, wait_crd_established
 from tests.operator.test_crd import (
     BASE,

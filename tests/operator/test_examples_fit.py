@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders import build_children
-from kubespeech_operator.models import parse_spec
+from kubespeech_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from kubespeech.config import QueueSettings
 from kubespeech.jobs import GROUP, JobClient, JobConsumer, Keys, Result, queue_depth
 from kubespeech_operator.builders import CHILD_KINDS, build_children
-from kubespeech_operator.models import FALLBACK_AFTER_FAILED_POLLS, SpecError, parse_spec
+from kubespeech_operator.spec import FALLBACK_AFTER_FAILED_POLLS, SpecError, parse_spec
 from tests.conftest import RedisServer
 from tests.envtest import ApiServer, api_path, ensure_namespace
 

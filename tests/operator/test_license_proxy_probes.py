@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubespeech_operator.builders import build_children
-from kubespeech_operator.models import parse_spec
+from kubespeech_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 INPUTS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((Path(__file__).parent / "data").glob("*.yaml"))

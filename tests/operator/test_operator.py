@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from kubespeech.jobs import JobClient
 from kubespeech_operator.builders import build_children
-from kubespeech_operator.models import parse_spec
+from kubespeech_operator.spec import parse_spec
 from tests.conftest import RedisServer, free_port
 from tests.operator.conftest import RunningOperator, operator_running, settings_for
 from tests.operator.k8s import Kube, condition, cpu_spec, wait_for

@@ -21,6 +21,7 @@ from tests.operator.k8s import Kube, cpu_spec, wait_for
 
 UID = 65532
 SRC = Path(__file__).resolve().parents[2] / "src"
+OPERATOR = Path(__file__).resolve().parents[2] / "operator"
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ async def test_operator_runs_as_a_uid_without_a_passwd_entry(
     site_packages = next(
         p for p in sys.path if p.endswith("site-packages") and Path(p).is_relative_to(sys.prefix)
     )
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), site_packages])
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(OPERATOR), site_packages])
     command = [python, "-m", "kubespeech.cli", "operator", "--kubeconfig", str(kubeconfig),
                "--namespace", kube.namespace, "--liveness-port", str(port), "--resync-interval", "1"]  # fmt: skip
     process = subprocess.Popen(  # noqa: ASYNC220 - only polled below, never waited on while running

@@ -20,7 +20,7 @@ from kubespeech_operator.builders import (
     fetch_job_names,
     pool_queue_names,
 )
-from kubespeech_operator.models import SpecError, SpeechDeploymentSpec, parse_spec
+from kubespeech_operator.spec import SpecError, SpeechDeploymentSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 INPUTS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((Path(__file__).parent / "data").glob("*.yaml"))

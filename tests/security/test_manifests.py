@@ -21,7 +21,7 @@ import redis as redis_sync
 import yaml
 
 from kubespeech_operator.builders import build_children
-from kubespeech_operator.models import SpecError, parse_spec
+from kubespeech_operator.spec import SpecError, parse_spec
 from tests.chart.test_chart import CI_VALUES, render
 from tests.conftest import free_port
 from tests.operator.test_render_invariants import INPUTS, OWNER, load

@@ -48,7 +48,7 @@ from kubespeech_operator.builders.redis import (
     build_redis_service,
     build_redis_statefulset,
 )
-from kubespeech_operator.models import SpeechDeploymentSpec, validate_name
+from kubespeech_operator.spec import SpeechDeploymentSpec, validate_name
 
 __all__ = [
     "CHILD_KINDS",

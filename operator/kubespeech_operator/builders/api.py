@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from kubespeech.api.models_file import ModelEntry, dump_models_file
+from kubespeech.api.settings import ApiSettings
+from kubespeech.config import env_name
 from kubespeech_operator.builders.common import (
     API_PORT,
     CONFIG_DIR,
@@ -30,40 +32,37 @@ MODELS_FILE = "models.json"
 INGRESS_PATH_PREFIXES = ("/waves", "/api/v1", "/v1")
 
 
-def models_file_entries(ctx: Context) -> list[dict[str, Any]]:
-    """The API's model list: one entry per queue, {"name","task","default","aliases","voices"}, plus
-    "cold_start_wait_s" where an autoscaled pool sets coldStartWaitSeconds.
+def models_file_entries(ctx: Context) -> list[ModelEntry]:
+    """The API's model list (models.json): one entry per queue, with "cold_start_wait_s" where an
+    autoscaled pool sets coldStartWaitSeconds.
 
     Pools sharing a modelName collapse into one entry; the default of a task is the pool marked default, or
     else the task's first model.
     """
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, ModelEntry] = {}
     for task, pool in ctx.spec.pools():
-        entry = entries.setdefault(
-            pool.queue_name,
-            {"name": pool.queue_name, "task": task, "default": False, "aliases": [], "voices": []},
-        )
-        entry["default"] = entry["default"] or pool.default
+        entry = entries.setdefault(pool.queue_name, ModelEntry(name=pool.queue_name, task=task))
+        entry.default = entry.default or pool.default
         wait = pool.autoscaling.cold_start_wait_seconds if pool.autoscaling.enabled else None
         if wait is not None:
             # Pools sharing a queue: the request is held as long as the most patient of them asks.
-            entry["cold_start_wait_s"] = max(wait, entry.get("cold_start_wait_s", 0))
+            entry.cold_start_wait_s = max(float(wait), entry.cold_start_wait_s or 0.0)
         for alias in pool.aliases or []:
-            if alias not in entry["aliases"]:
-                entry["aliases"].append(alias)
+            if alias not in entry.aliases:
+                entry.aliases.append(alias)
         for voice in getattr(pool, "voices", None) or []:
-            if voice not in entry["voices"]:
-                entry["voices"].append(voice)
+            if voice not in entry.voices:
+                entry.voices.append(voice)
     result = list(entries.values())
     for task in ("asr", "tts"):
-        of_task = [entry for entry in result if entry["task"] == task]
-        if of_task and not any(entry["default"] for entry in of_task):
-            of_task[0]["default"] = True
+        of_task = [entry for entry in result if entry.task == task]
+        if of_task and not any(entry.default for entry in of_task):
+            of_task[0].default = True
     return result
 
 
 def config_data(ctx: Context) -> dict[str, str]:
-    return {MODELS_FILE: json.dumps(models_file_entries(ctx), indent=2, sort_keys=True) + "\n"}
+    return {MODELS_FILE: dump_models_file(models_file_entries(ctx))}
 
 
 def build_config_map(ctx: Context) -> Manifest:
@@ -88,12 +87,11 @@ def cache_env_and_mounts(
     envs: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    for task, spec in (("TTS", cache.tts), ("ASR", cache.asr)):
-        prefix = f"KUBESPEECH_API_CACHE__{task}__"
+    for task, spec in (("tts", cache.tts), ("asr", cache.asr)):
         envs += [
-            env(f"{prefix}ENABLED", spec.enabled),
-            env(f"{prefix}MAX_BYTES", spec.max_bytes),
-            env(f"{prefix}TTL_S", spec.ttl_seconds),
+            env(env_name(ApiSettings, "cache", task, "enabled"), spec.enabled),
+            env(env_name(ApiSettings, "cache", task, "max_bytes"), spec.max_bytes),
+            env(env_name(ApiSettings, "cache", task, "ttl_s"), spec.ttl_seconds),
         ]
     asr = cache.asr
     if asr.enabled and asr.encryption_key_secret_ref is not None:
@@ -105,10 +103,10 @@ def cache_env_and_mounts(
             }
         )
         mounts.append({"name": "cache-key", "mountPath": CACHE_KEY_DIR, "readOnly": True})
-        envs.append(env("KUBESPEECH_API_CACHE__ASR__KEY_FILE", f"{CACHE_KEY_DIR}/key"))
+        envs.append(env(env_name(ApiSettings, "cache", "asr", "key_file"), f"{CACHE_KEY_DIR}/key"))
     elif asr.enabled and ctx.spec.redis.mode == "embedded":
         # Only this stack reaches its embedded Redis (NetworkPolicies); the models refuse this for external.
-        envs.append(env("KUBESPEECH_API_CACHE__ASR__UNENCRYPTED_IN_EMBEDDED_REDIS", True))
+        envs.append(env(env_name(ApiSettings, "cache", "asr", "unencrypted_in_embedded_redis"), True))
     return envs, volumes, mounts
 
 
@@ -146,11 +144,14 @@ def build_api_deployment(ctx: Context) -> Manifest:
         "ports": [{"name": "http", "containerPort": API_PORT, "protocol": "TCP"}],
         "env": [
             *redis_env,
-            env("KUBESPEECH_API_HOST", "0.0.0.0"),
-            env("KUBESPEECH_API_PORT", API_PORT),
-            env("KUBESPEECH_API_KEYS_FILE", f"{SECRETS_DIR}/api-keys/keys"),
-            env("KUBESPEECH_API_MODELS_FILE", f"{CONFIG_DIR}/{MODELS_FILE}"),
-            env("KUBESPEECH_API_LICENSE_PROXY_URL", f"http://{ctx.license_proxy_name}:{LICENSE_PROXY_PORT}"),
+            env(env_name(ApiSettings, "host"), "0.0.0.0"),
+            env(env_name(ApiSettings, "port"), API_PORT),
+            env(env_name(ApiSettings, "keys_file"), f"{SECRETS_DIR}/api-keys/keys"),
+            env(env_name(ApiSettings, "models_file"), f"{CONFIG_DIR}/{MODELS_FILE}"),
+            env(
+                env_name(ApiSettings, "license_proxy_url"),
+                f"http://{ctx.license_proxy_name}:{LICENSE_PROXY_PORT}",
+            ),
             *cache_env,
         ],
         "resources": resources(api.resources, "api"),

@@ -27,7 +27,7 @@ pending) would be scaled on the larger of the two, not their sum. The consumer g
 (``kubespeech.jobs.GROUP``) is therefore deliberately left out: setting it switches the scaler to
 ``XPENDING``. KEDA activates the pool (from zero or ``idleReplicaCount`` 0) when ``XLEN`` exceeds
 ``activationLagCount``, which current KEDA applies to every mode of this scaler. ``fallbackReplicas``
-becomes ``fallback`` after :data:`~kubespeech_operator.models.FALLBACK_AFTER_FAILED_POLLS` failed reads;
+becomes ``fallback`` after :data:`~kubespeech_operator.spec.FALLBACK_AFTER_FAILED_POLLS` failed reads;
 without it (or with 0) KEDA keeps the current count while Redis cannot be read. The embedded Redis's
 NetworkPolicy admits KEDA's operator pods (label ``app: keda-operator``, any namespace) when a pool uses KEDA.
 
@@ -57,7 +57,7 @@ from kubespeech_operator.builders.common import (
     redis_password_secret,
 )
 from kubespeech_operator.builders.pools import worker_component
-from kubespeech_operator.models import (
+from kubespeech_operator.spec import (
     FALLBACK_AFTER_FAILED_POLLS,
     PoolSpec,
     ScalingRules,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubespeech import __version__
-from kubespeech_operator.models import PoolSpec, ResourceRequirements, SpeechDeploymentSpec
+from kubespeech.config import LogSettings, RedisSettings, env_name
+from kubespeech_operator.spec import PoolSpec, ResourceRequirements, SpeechDeploymentSpec
 
 Manifest = dict[str, Any]
 
@@ -289,16 +290,16 @@ def redis_env_and_mounts(
     """Env vars, volumes and mounts every component needs to reach Redis (password as a mounted file)."""
     redis = ctx.spec.redis
     variables = [
-        env("KUBESPEECH_REDIS_URL", ctx.redis_url),
-        env("KUBESPEECH_REDIS_KEY_PREFIX", redis.key_prefix),
-        env("KUBESPEECH_LOG_LEVEL", ctx.spec.log_level),
+        env(env_name(RedisSettings, "url"), ctx.redis_url),
+        env(env_name(RedisSettings, "key_prefix"), redis.key_prefix),
+        env(env_name(LogSettings, "level"), ctx.spec.log_level),
     ]
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     secret = redis_password_secret(ctx)
     external = redis.external if redis.mode == "external" else None
     if external is not None and external.tls is not None and external.tls.insecure_skip_verify:
-        variables.append(env("KUBESPEECH_REDIS_TLS_INSECURE_SKIP_VERIFY", True))
+        variables.append(env(env_name(RedisSettings, "tls_insecure_skip_verify"), True))
     if secret is not None:
         volumes.append(
             {
@@ -307,5 +308,5 @@ def redis_env_and_mounts(
             }
         )
         mounts.append({"name": "redis-auth", "mountPath": f"{SECRETS_DIR}/redis", "readOnly": True})
-        variables.append(env("KUBESPEECH_REDIS_PASSWORD_FILE", f"{SECRETS_DIR}/redis/password"))
+        variables.append(env(env_name(RedisSettings, "password_file"), f"{SECRETS_DIR}/redis/password"))
     return variables, volumes, mounts

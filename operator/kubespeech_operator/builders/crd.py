@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kubespeech_operator.models import (
+from kubespeech_operator.spec import (
     API_VERSION,
     DNS_LABEL_PATTERN,
     KIND,
@@ -218,7 +218,7 @@ def build_crd() -> dict[str, Any]:
 
 
 CRD_HEADER = (
-    "# Generated from src/kubespeech_operator/models.py by kubespeech_operator.builders.crd (`make golden`).\n"
+    "# Generated from operator/kubespeech_operator/spec.py by kubespeech_operator.builders.crd (`make golden`).\n"
     "# Do not edit by hand: change the models; tests/operator/test_crd.py fails when this file is stale.\n"
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kubespeech.config import env_name
+from kubespeech.license.settings import ProxySettings
 from kubespeech_operator.builders.common import (
     LICENSE_PROXY_PORT,
     SECRETS_DIR,
@@ -34,7 +36,12 @@ def build_license_proxy_deployment(ctx: Context) -> Manifest:
         },
     ]
     mounts = [tmp_mount, {"name": "license", "mountPath": f"{SECRETS_DIR}/license", "readOnly": True}]
-    variables = [*redis_env, env("KUBESPEECH_LICENSE_KEY_FILE", f"{SECRETS_DIR}/license/license.key")]
+    variables = [
+        *redis_env,
+        # The port the container listens on, said where the process reads it (not only its default).
+        env(env_name(ProxySettings, "port"), LICENSE_PROXY_PORT),
+        env(env_name(ProxySettings, "key_file"), f"{SECRETS_DIR}/license/license.key"),
+    ]
     public_ref = spec.license.public_key_secret_ref
     if public_ref is not None:
         volumes.append(
@@ -50,10 +57,10 @@ def build_license_proxy_deployment(ctx: Context) -> Manifest:
             {"name": "license-public-key", "mountPath": f"{SECRETS_DIR}/license-public-key", "readOnly": True}
         )
         variables.append(
-            env("KUBESPEECH_LICENSE_PUBLIC_KEY_FILE", f"{SECRETS_DIR}/license-public-key/public.pem")
+            env(env_name(ProxySettings, "public_key_file"), f"{SECRETS_DIR}/license-public-key/public.pem")
         )
     if spec.license_proxy.upstream_url:
-        variables.append(env("KUBESPEECH_LICENSE_UPSTREAM_URL", spec.license_proxy.upstream_url))
+        variables.append(env(env_name(ProxySettings, "upstream_url"), spec.license_proxy.upstream_url))
     container = {
         "name": "license-proxy",
         "image": image(spec, "license-proxy"),

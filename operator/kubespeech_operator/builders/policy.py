@@ -18,7 +18,7 @@ from kubespeech_operator.builders.common import (
     stack_selector,
 )
 from kubespeech_operator.builders.pools import WORKER_LABEL, worker_component
-from kubespeech_operator.models import PoolSpec
+from kubespeech_operator.spec import PoolSpec
 
 WORKER_METRICS_COMPONENT = "worker-metrics"
 

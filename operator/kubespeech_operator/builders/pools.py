@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kubespeech.config import LogSettings, WorkerSettings, env_name
 from kubespeech_operator.builders.common import (
     MODEL_CACHE_DIR,
     WORKER_HEALTH_PORT,
@@ -25,7 +26,7 @@ from kubespeech_operator.builders.common import (
     stable_hash,
     tmp_volume,
 )
-from kubespeech_operator.models import PoolSpec
+from kubespeech_operator.spec import PoolSpec
 
 MODEL_CACHE_COMPONENT = "model-cache"
 MODEL_FETCH_COMPONENT = "model-fetch"
@@ -134,7 +135,7 @@ def build_model_fetch_job(ctx: Context, model: CachedModel) -> Manifest:
         "imagePullPolicy": ctx.spec.images.pull_policy,
         "command": args,
         "env": [
-            env("KUBESPEECH_LOG_LEVEL", ctx.spec.log_level),
+            env(env_name(LogSettings, "level"), ctx.spec.log_level),
             env("HOME", "/tmp"),
             *(item.model_dump(by_alias=True, exclude_none=True) for item in ctx.spec.model_cache.env or []),
         ],
@@ -219,24 +220,24 @@ def build_pool_deployment(ctx: Context, task: str, pool: PoolSpec, replicas: int
     drain = max(grace - _PRE_STOP_SECONDS - _EXIT_MARGIN_SECONDS, 1)
     variables = [
         *redis_env,
-        env("KUBESPEECH_WORKER_TASK", task),
-        env("KUBESPEECH_WORKER_MODEL", pool.queue_name),
-        env("KUBESPEECH_WORKER_ENGINE", pool.engine),  # type: ignore[attr-defined]
-        env("KUBESPEECH_WORKER_DEVICE", "cuda" if pool.gpu_count > 0 else "cpu"),
-        env("KUBESPEECH_WORKER_MAX_BATCH_SIZE", pool.batching.max_batch_size),
-        env("KUBESPEECH_WORKER_MAX_WAIT_MS", pool.batching.max_wait_ms),
-        env("KUBESPEECH_WORKER_HEALTH_PORT", WORKER_HEALTH_PORT),
-        env("KUBESPEECH_WORKER_DRAIN_TIMEOUT_S", drain),
+        env(env_name(WorkerSettings, "task"), task),
+        env(env_name(WorkerSettings, "model"), pool.queue_name),
+        env(env_name(WorkerSettings, "engine"), pool.engine),  # type: ignore[attr-defined]
+        env(env_name(WorkerSettings, "device"), "cuda" if pool.gpu_count > 0 else "cpu"),
+        env(env_name(WorkerSettings, "max_batch_size"), pool.batching.max_batch_size),
+        env(env_name(WorkerSettings, "max_wait_ms"), pool.batching.max_wait_ms),
+        env(env_name(WorkerSettings, "health_port"), WORKER_HEALTH_PORT),
+        env(env_name(WorkerSettings, "drain_timeout_s"), drain),
         # Models come only from the cache or the image: never download at worker start.
         env("HF_HUB_OFFLINE", "1"),
         env("HOME", "/tmp"),
     ]
     model_path = _model_path(pool)
     if model_path is not None:
-        variables.append(env("KUBESPEECH_WORKER_MODEL_PATH", model_path))
+        variables.append(env(env_name(WorkerSettings, "model_path"), model_path))
     if pool.engine_options:
         variables.append(
-            env("KUBESPEECH_WORKER_ENGINE_OPTIONS", json.dumps(pool.engine_options, sort_keys=True))
+            env(env_name(WorkerSettings, "engine_options"), json.dumps(pool.engine_options, sort_keys=True))
         )
     # The admin's env comes last and replaces an operator-set variable of the same name.
     extra = [item.model_dump(by_alias=True, exclude_none=True) for item in pool.env or []]

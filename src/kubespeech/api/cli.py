@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
+
+from kubespeech.config import LogSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
         from kubespeech.api.settings import ApiSettings
         from kubespeech.logging_setup import setup_logging
 
-        setup_logging(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"))
+        setup_logging(LogSettings().level)
         install_request_id_logging()
         settings = ApiSettings()
         if host is not None:

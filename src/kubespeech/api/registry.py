@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from kubespeech.api.models_file import load_models_file
 from kubespeech.api.settings import ApiSettings
 from kubespeech.errors import InvalidInput, NoWorkers, UnknownModel, UnknownVoice
 from kubespeech.jobs import Keys
@@ -111,26 +112,18 @@ class ModelRegistry:
         if mtime == self._file_mtime:
             return False
         try:
-            data = orjson.loads(path.read_bytes())
-            if isinstance(data, dict):
-                data = data.get("models", [])
             models: dict[str, ModelInfo] = {}
-            for item in data:
-                task = str(item.get("task", ""))
-                name = str(item.get("name", ""))
-                if task not in TASKS or not name:
-                    raise ValueError(f"bad model entry {item!r}")
-                models[name] = ModelInfo(
-                    name=name,
-                    task=task,
-                    aliases=[str(a) for a in item.get("aliases") or []],
-                    voices=_voices(item.get("voices")),
-                    languages=[str(x) for x in item.get("languages") or []],
-                    default=bool(item.get("default")),
-                    cold_start_wait_s=_wait(item.get("cold_start_wait_s")),
+            for item in load_models_file(path.read_bytes()):
+                models[item.name] = ModelInfo(
+                    name=item.name,
+                    task=item.task,
+                    aliases=list(item.aliases),
+                    voices=_voices([v if isinstance(v, str) else v.model_dump() for v in item.voices]),
+                    default=item.default,
+                    cold_start_wait_s=item.cold_start_wait_s,
                     configured=True,
                 )
-        except (ValueError, TypeError, AttributeError, OSError) as exc:
+        except (ValueError, OSError) as exc:
             log.error(
                 "models file is invalid; keeping the last list", extra={"path": str(path), "error": str(exc)}
             )

@@ -95,14 +95,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(table(res["throughput"]))
             typer.echo(f"speed-up: {res['throughput_speedup']}x")
         if "operator" in suites:
-            from kubespeech_operator.bench import run_operator_bench
+            from kubespeech.bench.operator import run_operator_bench
 
             res = run_operator_bench()
             results["operator"] = res
             typer.echo("\n== Operator (real kube-apiserver) ==")
             typer.echo(json.dumps(res, indent=2))
         if "autoscaler" in suites:
-            from kubespeech_operator.bench import run_autoscaler_bench
+            from kubespeech.bench.operator import run_autoscaler_bench
 
             res = run_autoscaler_bench()
             results["autoscaler"] = res

@@ -105,7 +105,7 @@ def measure_direct(engine: Any, clips: Sequence[np.ndarray], batch_size: int) ->
 
 
 def _synthetic_asr_model(directory: Path) -> Path:
-    from kubespeech.models.nemo_tiny import build_asr
+    from kubespeech.bench.nemo_tiny import build_asr
 
     path = directory / "fastconformer-ctc-synthetic.nemo"
     build_asr("fastconformer").save_to(str(path))
@@ -221,7 +221,7 @@ def run_gpu_bench(
         say(f"\n== NeMo ASR on {gpu}: {label}, {asr['model']['precision']}, ~{clip_seconds:.0f} s clips ==")
         say(table(asr["rows"]))
         if tts_model is None:
-            from kubespeech.models.nemo_tiny import save_tts
+            from kubespeech.bench.nemo_tiny import save_tts
 
             tts_model = str(save_tts(Path(tmp) / "tts")[0].parent)
             result["tts_synthetic_model"] = True

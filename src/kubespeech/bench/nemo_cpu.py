@@ -121,8 +121,8 @@ def run_nemo_cpu_bench(
     """Jobs/s of the tiny nemo model per batch size; prints a table and returns the rows."""
     import torch
 
+    from kubespeech.bench.nemo_tiny import save_asr
     from kubespeech.engines.nemo_asr import NemoAsrEngine
-    from kubespeech.models.nemo_tiny import save_asr
 
     say = echo or (lambda _line: None)
     if threads:

@@ -24,7 +24,7 @@ import httpx
 import psutil
 
 from kubespeech_operator.builders import CHILD_KINDS, build_children
-from kubespeech_operator.models import parse_spec
+from kubespeech_operator.spec import parse_spec
 
 NAMESPACE = "bench"
 

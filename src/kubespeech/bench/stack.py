@@ -7,9 +7,7 @@ by the same supervisor as ``kubespeech dev``; load comes from an asyncio client 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
-import json
 import os
 import secrets
 import statistics
@@ -112,65 +110,85 @@ def rss_mb(pid: int) -> float:
 
 
 class BenchStack:
-    """Redis + API + the given workers, as real processes."""
+    """A SpeechDeployment of the given pools, run as ``kubespeech dev`` runs it (kubespeech.localrun).
+
+    ``workers``: one pool each, ``{"task", "model", "engine", "max_batch_size", "max_wait_ms", "env"}``;
+    ``models``: the API's view of them (``default``, ``aliases``, ``voices``); ``spec``: more of the
+    SpeechDeployment's spec (``cache``, say). The result cache is off unless ``spec`` turns it on, so the
+    engines are what is measured. The ``noop`` engine is not a SpeechDeployment engine (it exists to measure
+    the stack's own overhead): its pool is rendered as a CPU pool and its worker's engine variable replaced.
+    ``api_env`` adds variables to the API server's environment.
+    """
 
     def __init__(
         self,
         workers: list[dict[str, Any]],
         models: list[dict[str, Any]],
         api_env: dict[str, str] | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> None:
         self.workers = workers
-        self.models = models
+        self.models = {m["name"]: m for m in models}
         self.api_env = api_env or {}
+        self.spec = spec or {}
         self.dir = Path(tempfile.mkdtemp(prefix="kubespeech-bench-"))
+        self.dir.chmod(0o700)
         (self.dir / "logs").mkdir()
         self.sup = Supervisor(self.dir, self.dir / "logs", verbose=False)
         self.key = "ks-bench-" + secrets.token_urlsafe(16)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api: Child | None = None
-        self.worker_children: list[Child] = []
+        self._names: dict[str, str] = {}  # local process name -> what pids() calls it
+
+    def speech_deployment(self) -> dict[str, Any]:
+        pools: dict[str, list[dict[str, Any]]] = {"asr": [], "tts": []}
+        for w in self.workers:
+            model = self.models.get(w["model"], {})
+            engine = w["engine"] if w["engine"] != "noop" else ("whisper" if w["task"] == "asr" else "piper")
+            pool: dict[str, Any] = {
+                "name": w["model"], "modelName": w["model"], "engine": engine, "replicas": 1,
+                "default": bool(model.get("default")), "aliases": list(model.get("aliases") or []),
+                "batching": {"maxBatchSize": w.get("max_batch_size", 32), "maxWaitMs": w.get("max_wait_ms", 0)},
+            }  # fmt: skip
+            if w["task"] == "tts":
+                pool["voices"] = list(model.get("voices") or []) or ["default"]
+            pools[w["task"]].append(pool)
+        spec: dict[str, Any] = {
+            "license": {"secretRef": {"name": "bench-license", "key": "license.key"}},
+            "api": {"apiKeysSecretRef": {"name": "bench-api-keys", "key": "keys"}},
+            "redis": {"mode": "embedded", "embedded": {"persistence": {"enabled": False}}},
+            "cache": {"tts": {"enabled": False}},
+            **{task: {"pools": p} for task, p in pools.items() if p},
+            **self.spec,
+        }
+        return {"apiVersion": "kubespeech.io/v1alpha1", "kind": "SpeechDeployment",
+                "metadata": {"name": "bench", "namespace": "bench"}, "spec": spec}  # fmt: skip
 
     def start(self) -> None:
-        redis_url = self.sup.start_redis(self.dir)
-        env = {
-            "KUBESPEECH_REDIS_URL": redis_url,
-            "KUBESPEECH_LOG_LEVEL": "WARNING",
-            "HF_HUB_OFFLINE": "1",
-        }
-        ks = _kubespeech()
-        for w in self.workers:
-            health = _free_port()
-            args = [*ks, "worker", "--task", w["task"], "--model", w["model"], "--engine", w["engine"],
-                    "--health-port", str(health), "--max-batch-size", str(w.get("max_batch_size", 32)),
-                    "--max-wait-ms", str(w.get("max_wait_ms", 0))]  # fmt: skip
-            child = Child(
-                f"worker-{w['model']}",
-                args,
-                f"http://127.0.0.1:{health}/readyz",
-                env={**env, **w.get("env", {})},
-            )
+        from kubespeech.config import LogSettings, WorkerSettings, env_name
+        from kubespeech.localrun import find_redis_server, plan
+
+        stack = plan(
+            self.speech_deployment(), self.dir, api_key=self.key, api_port=self.port, host="127.0.0.1",
+            free_port=_free_port, executables={"kubespeech": _kubespeech(), "redis-server": [find_redis_server()]},
+        )  # fmt: skip
+        by_model = {w["model"]: w for w in self.workers}
+        for proc in stack.processes:
+            env = {**proc.env, env_name(LogSettings, "level"): "WARNING"}
+            name = proc.component
+            if proc.component.endswith("-worker"):
+                w = by_model[proc.env[env_name(WorkerSettings, "model")]]
+                name = f"worker-{w['model']}"
+                env.update(w.get("env") or {})
+                if w["engine"] == "noop":
+                    env[env_name(WorkerSettings, "engine")] = "noop"
+            elif proc.component == "api":
+                env.update(self.api_env)
+            self._names[proc.name] = name
+            child = Child(proc.name, proc.args, proc.ready_url, env=env, ready_tcp=proc.ready_tcp)
             self.sup.start(child)
-            self.worker_children.append(child)
-        keys = self.dir / "keys"
-        keys.write_text("sha256:" + hashlib.sha256(self.key.encode()).hexdigest() + "\n")
-        models = self.dir / "models.json"
-        models.write_text(json.dumps(self.models))
-        self.api = Child(
-            "api",
-            [*ks, "api"],
-            f"{self.url}/ready",
-            env={
-                **env,
-                "KUBESPEECH_API_HOST": "127.0.0.1",
-                "KUBESPEECH_API_PORT": str(self.port),
-                "KUBESPEECH_API_KEYS_FILE": str(keys),
-                "KUBESPEECH_API_MODELS_FILE": str(models),
-                **self.api_env,
-            },
-        )
-        self.sup.start(self.api)
+            if proc.component == "redis":
+                self.sup.wait_ready(child, 30)
         for child in self.sup.children:
             self.sup.wait_ready(child, 180)
 
@@ -178,7 +196,8 @@ class BenchStack:
         self.sup.stop_all()
 
     def pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self.sup.children if c.proc is not None}
+        """Process ids by role: ``api``, ``redis``, ``license-proxy``, ``worker-<model>``."""
+        return {self._names.get(c.name, c.name): c.proc.pid for c in self.sup.children if c.proc is not None}
 
 
 async def protocol_overhead(seconds: float, concurrencies: tuple[int, ...]) -> dict[str, Any]:

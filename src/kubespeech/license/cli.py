@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from kubespeech.config import LogSettings
 from kubespeech.license import constants
 
 license_app = typer.Typer(
@@ -222,7 +223,7 @@ def license_proxy(
     from kubespeech.logging_setup import setup_logging
     from kubespeech.redis_client import connect
 
-    setup_logging(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"))
+    setup_logging(LogSettings().level)
     overrides: dict[str, object] = {}
     if dev:
         overrides["dev"] = True
@@ -261,7 +262,7 @@ def license_server(
     from kubespeech.license.settings import ServerSettings
     from kubespeech.logging_setup import setup_logging
 
-    setup_logging(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"))
+    setup_logging(LogSettings().level)
     settings = ServerSettings()
     key_source: str | Path | None = public_key or settings.public_key or settings.public_key_file
     if key_source is None:

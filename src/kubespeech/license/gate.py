@@ -117,11 +117,11 @@ class LicenseGate:
 
     async def _current(self) -> tuple[dict[str, Any] | None, str]:
         """The license answer to decide on and where it came from (``proxy``, ``cache``, ``none``)."""
-        if self._cached is not None and time.monotonic() < self._next_fetch:
+        if self._cached is not None and time.monotonic() < self._next_fetch and not self._outlived():
             return self._cached, "proxy" if self._last_error is None else "cache"
         async with self._lock:
             now = time.monotonic()
-            if now >= self._next_fetch:
+            if now >= self._next_fetch or self._outlived():
                 try:
                     data = await self._fetch()
                 except (httpx.HTTPError, ValueError) as exc:
@@ -140,6 +140,21 @@ class LicenseGate:
         if self._cached is None:
             return None, "none"
         return self._cached, "proxy" if self._last_error is None else "cache"
+
+    def _outlived(self) -> bool:
+        """The cached answer's ``serve_until`` has passed while the proxy still answers: ask it again now.
+
+        Without this a grace period shorter than the cache TTL would refuse requests the proxy itself still
+        serves (a check-in succeeded since the answer was cached). With the proxy unreachable, the TTL paces
+        the retries and the outlived answer decides (see _usable).
+        """
+        serve_until = (self._cached or {}).get("serve_until_unix")
+        return (
+            self._last_error is None
+            and isinstance(serve_until, int | float)
+            and not isinstance(serve_until, bool)
+            and time.time() >= serve_until
+        )
 
     async def _usable(self) -> dict[str, Any]:
         data, _source = await self._current()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
+
+from kubespeech.config import LogSettings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 fetched or already present; 2 bad source or arguments; 3 not found (404); "
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(
             30.0, "--timeout", min=1.0, help="Network timeout per request (seconds)."
         ),
-        log_level: str = typer.Option(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"), help="Log level."),
+        log_level: str = typer.Option(LogSettings().level, help="Log level."),
     ) -> None:
         """Download SOURCE into --to: resumable, checksum-verified, atomic; a no-op when already there.
 

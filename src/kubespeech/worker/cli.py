@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from kubespeech.config import LogSettings
+
 log = logging.getLogger("kubespeech.worker")
 
 
@@ -26,7 +28,7 @@ def register(app: typer.Typer) -> None:
         max_wait_ms: int = typer.Option(None, help="Wait this long to fill a batch after the first job."),
         health_port: int = typer.Option(None, help="Port of /healthz, /readyz, /metrics (default 9090)."),
         engine_options: str = typer.Option(None, help="Engine options as JSON."),
-        log_level: str = typer.Option(os.environ.get("KUBESPEECH_LOG_LEVEL", "INFO"), help="Log level."),
+        log_level: str = typer.Option(LogSettings().level, help="Log level."),
     ) -> None:
         """Run an ASR or TTS worker: load the engine once, then serve its model's queue until SIGTERM."""
         from kubespeech.config import QueueSettings, RedisSettings, WorkerSettings
