@@ -16,8 +16,8 @@ help: ## Show this help
 $(STAMP): pyproject.toml operator/pyproject.toml constraints.txt scripts/install-torch.py
 	@echo "==> [1/4] $(VENV): a virtual environment with $(PYTHON)"
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@echo "==> [2/4] pip"
-	$(BIN)/pip install --upgrade pip
+	@echo "==> [2/4] pip, and setuptools new enough to build the packages (tests build their wheels)"
+	$(BIN)/pip install --upgrade pip 'setuptools>=77' wheel
 	@echo "==> [3/4] torch 2.13.0, the CPU build (first and on its own: a later unpinned resolve would pull a multi-GB CUDA build)"
 	$(BIN)/python scripts/install-torch.py
 	@echo "==> [4/4] kubespeech with every extra (engines, NeMo, operator, dev tools)"
