@@ -628,9 +628,9 @@ class WhisperStream:
                     self._since_partial = 0
                     if result.text and result.text != self._last_partial:
                         self._last_partial = result.text
-                        out.append(
-                            self._event("partial", result, start * _VAD_WINDOW, spec_end * _VAD_WINDOW)
-                        )
+                        early = self._event("partial", result, start * _VAD_WINDOW, spec_end * _VAD_WINDOW)
+                        early.words = []  # words come with finals only; the final reuses them
+                        out.append(early)
                     return out
                 if self._partial_samples is not None and self._since_partial >= self._partial_due():
                     self._since_partial = 0
