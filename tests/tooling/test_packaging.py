@@ -3,6 +3,7 @@ operator; the operator's own wheel holds only the operator."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,11 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_wheel(project: Path, out: Path) -> zipfile.ZipFile:
-    # --no-build-isolation: the venv's setuptools builds it, so the test needs no network.
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(project)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    # --no-build-isolation: the venv's setuptools builds it, so the test needs no network. setuptools builds
+    # in the source tree: a build/ directory it creates there is removed again.
+    build_dir = project / "build"
+    existed = build_dir.exists()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+             str(project)],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        if not existed:
+            shutil.rmtree(build_dir, ignore_errors=True)
     (wheel,) = out.glob("*.whl")
     return zipfile.ZipFile(wheel)
 
