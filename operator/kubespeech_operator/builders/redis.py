@@ -21,9 +21,12 @@ from kubespeech_operator.builders.common import (
 COMPONENT = "redis"
 
 # The password is read from the mounted Secret into a config file under /tmp, so it never appears in the
-# process list or in an env literal. Persistence is AOF: queued jobs survive a restart of the pod.
+# process list or in an env literal; an empty or unreadable Secret stops the container instead of starting a
+# Redis without a password. Persistence is AOF: queued jobs survive a restart of the pod.
 _START_SCRIPT = (
-    'printf \'requirepass "%s"\\n\' "$(cat /run/secrets/redis/password)" > /tmp/redis.conf'
+    'p="$(cat /run/secrets/redis/password)" && [ -n "$p" ]'
+    " || { echo 'refusing to start: the Redis password Secret is empty or unreadable' >&2; exit 1; };"
+    ' printf \'requirepass "%s"\\n\' "$p" > /tmp/redis.conf'
     " && exec redis-server /tmp/redis.conf --port 6379 --dir /data --appendonly yes --save ''"
     " --protected-mode no"
 )
