@@ -63,7 +63,8 @@ async def test_a_pool_wakes_from_zero_scales_on_a_burst_and_returns_to_zero(
 
         async def cold_starting() -> Any:
             pool = next(p for p in (await kube.sd("auto"))["status"]["pools"] if p["task"] == "asr")
-            return pool if pool.get("state") == "ColdStarting" else None
+            # The pool's state and the scaler's reason may reach the status in two writes: wait for both.
+            return pool if pool.get("state") == "ColdStarting" and "lastScaleReason" in pool else None
 
         pool = await wait_for(cold_starting, what="the pool reads ColdStarting")
         assert pool["lastScaleReason"] == "WakeFromZero" and pool["queueDepth"] == 1
