@@ -23,6 +23,18 @@ def stack_env(redis_url: str, extra: Mapping[str, str] | None = None) -> dict[st
     return env
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` s; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 class WorkerProcess:
     """A real ``kubespeech worker`` subprocess with its health port."""
 
@@ -77,11 +89,4 @@ class WorkerProcess:
         raise TimeoutError("worker did not become ready")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, timeout)

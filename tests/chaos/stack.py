@@ -18,7 +18,7 @@ import orjson
 import redis as redis_sync
 
 from tests.conftest import free_port
-from tests.stack import KUBESPEECH, stack_env
+from tests.stack import KUBESPEECH, stack_env, stop_process
 
 API_KEY = "chaos-key-3f6e0c1d2b9a48f7"
 ASR_MODEL = "noop-asr"
@@ -143,14 +143,7 @@ class ServiceProcess:
             return ""
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc, timeout)
 
 
 def start_api(
